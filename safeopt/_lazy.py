@@ -1,0 +1,123 @@
+"""The step shared by every safeopt optimizer: torch's own step over the active parameters.
+
+torch's ``step()`` visits ``group["params"]``. For the duration of the call each
+group lists only its active parameters, so torch's kernels (forloop, foreach,
+fused, capturable) run unchanged on exactly those, and the parameters left out
+are not touched at all: not their values, not their state, not their grads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from safeopt import _rule
+from safeopt._freeze import FreezeAPI
+from safeopt._torch_compat import allocate_state, unhooked
+
+__all__ = ["LazyOptimizer", "add_group", "lazy_step", "load_state"]
+
+
+def lazy_step(
+    optimizer: torch.optim.Optimizer,
+    step: Callable[[], Any],
+    closure: Callable[[], Any] | None,
+    *,
+    before: Callable[[list[_rule.GroupPlan]], Callable[[], None]] | None = None,
+) -> Any:
+    """Run ``step()`` (which must not take the closure) on the active parameters only.
+
+    ``before(plans)``, if given, runs after the plan is made and returns a function
+    that runs after the step, also when it raises (``wrap(strict=True)`` uses it).
+    """
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+
+    groups = optimizer.param_groups
+    with torch.no_grad():
+        plans = _rule.plan_step(groups)
+    for group, plan in zip(groups, plans):
+        allocate_state(optimizer, group, [p for p in plan.idle_with_grad if not optimizer.state.get(p)])
+
+    after = before(plans) if before is not None else None
+    all_params = [group["params"] for group in groups]
+    try:
+        for group, plan in zip(groups, plans):
+            group["params"] = plan.active
+        step()
+    finally:
+        for group, params in zip(groups, all_params):
+            group["params"] = params
+        if after is not None:
+            after()
+    return loss
+
+
+def add_group(
+    optimizer: torch.optim.Optimizer, add: Callable[[dict[str, Any]], None], param_group: dict[str, Any]
+) -> None:
+    """``add(param_group)`` with safeopt's keys checked and filled; a bad group is not kept."""
+    _rule.check_flags(param_group, None, "the new param group")
+    add(param_group)
+    group = optimizer.param_groups[-1]
+    try:
+        _rule.check_flags(group, len(group["params"]), "the new param group")
+    except ValueError:
+        optimizer.param_groups.pop()
+        raise
+    _rule.fill_flags(group, optimizer.defaults)
+
+
+def load_state(
+    optimizer: torch.optim.Optimizer, load: Callable[[dict[str, Any]], None], state_dict: dict[str, Any]
+) -> None:
+    """``load(state_dict)`` after checking its safeopt keys; a torch state_dict loads with nothing frozen."""
+    for i, group in enumerate(state_dict.get("param_groups", [])):
+        _rule.check_flags(group, len(group.get("params", [])), f"param group {i} of the state_dict")
+    load(state_dict)
+    for group in optimizer.param_groups:
+        _rule.fill_flags(group, optimizer.defaults)
+
+
+class LazyOptimizer(FreezeAPI):
+    """Mixin turning a ``torch.optim`` class into its lazy safeopt twin.
+
+    ``class Adam(LazyOptimizer, torch.optim.Adam)`` accepts every argument of
+    ``torch.optim.Adam`` (validated by torch) plus the keyword-only ``lazy``.
+    """
+
+    param_groups: list[dict[str, Any]]
+    defaults: dict[str, Any]
+    state: Any
+
+    def __init__(self, params: Any, *args: Any, lazy: bool = True, **kwargs: Any) -> None:
+        _rule.check_lazy(lazy)
+        super().__init__(params, *args, **kwargs)  # type: ignore[call-arg]
+        self.defaults.update({_rule.LAZY: lazy, _rule.FROZEN: False})
+        for i, group in enumerate(self.param_groups):
+            _rule.check_flags(group, len(group["params"]), f"param group {i}")
+            _rule.fill_flags(group, self.defaults)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # noqa: D102
+        torch_step = unhooked(super().step.__func__)  # type: ignore[misc]
+        return lazy_step(self, lambda: torch_step(self), closure)  # type: ignore[arg-type]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:  # noqa: D102
+        if _rule.LAZY not in self.defaults:  # torch's __init__ is still adding its groups
+            super().add_param_group(param_group)  # type: ignore[misc]
+        else:
+            add_group(self, super().add_param_group, param_group)  # type: ignore[misc]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+        load_state(self, super().load_state_dict, state_dict)  # type: ignore[misc]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        self.defaults.setdefault(_rule.LAZY, True)
+        self.defaults.setdefault(_rule.FROZEN, False)
+        for group in self.param_groups:
+            _rule.fill_flags(group, self.defaults)

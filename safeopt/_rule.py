@@ -1,0 +1,128 @@
+"""The one idea safeopt adds to torch.optim: which parameters take part in a step.
+
+A parameter is *inactive* in a step when its group or the parameter itself is
+frozen, its grad is None, or (with ``lazy=True``) every element of its grad
+compares equal to zero. Everything here is a pure function of the param groups
+and the grads; nothing is modified.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["FLAG_KEYS", "GroupPlan", "check_flags", "check_lazy", "fill_flags", "nonzero_flags", "plan_step"]
+
+#: Param-group keys safeopt adds. They travel in ``state_dict()`` like any other
+#: hyperparameter; torch ignores them, so the state_dict still loads into torch.
+FROZEN = "frozen"  # bool: the whole group is frozen
+FROZEN_PARAMS = "frozen_params"  # sorted positions in group["params"] frozen one by one
+LAZY = "lazy"  # bool: an all-zero grad makes a parameter inactive
+FLAG_KEYS = (FROZEN, FROZEN_PARAMS, LAZY)
+
+
+class GroupPlan(NamedTuple):
+    """What one param group does in a step."""
+
+    active: list[Tensor]  # stepped by torch, in group order
+    idle_with_grad: list[Tensor]  # inactive although their grad is not None
+
+
+def _values(grad: Tensor) -> Tensor:
+    if grad.layout is torch.sparse_coo:
+        return grad.coalesce().values()  # duplicates may cancel out
+    if grad.layout is not torch.strided:
+        return grad.values()
+    return grad
+
+
+def nonzero_flags(grads: Sequence[Tensor]) -> list[bool]:
+    """For each grad, whether any element is nonzero (-0.0 is zero; NaN, inf and subnormals are not).
+
+    Costs one read of every grad and one host synchronisation per device.
+    """
+    flags = [_values(g).any() for g in grads]
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for i, flag in enumerate(flags):
+        by_device[flag.device].append(i)
+    out = [False] * len(grads)
+    for device, positions in by_device.items():
+        if device.type == "cpu":
+            values = [bool(flags[i]) for i in positions]
+        else:
+            values = torch.stack([flags[i] for i in positions]).tolist()
+        for i, value in zip(positions, values):
+            out[i] = value
+    return out
+
+
+def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
+    """Split every group's parameters into active ones and idle ones that have a grad."""
+    plans: list[tuple[list[tuple[Tensor, bool]], list[Tensor]]] = []
+    to_check: list[Tensor] = []
+    for group in param_groups:
+        frozen_all = group[FROZEN]
+        frozen_at = set(group[FROZEN_PARAMS])
+        lazy = group[LAZY]
+        candidates: list[tuple[Tensor, bool]] = []
+        idle: list[Tensor] = []
+        for position, p in enumerate(group["params"]):
+            grad = p.grad
+            if grad is None:
+                continue
+            if frozen_all or position in frozen_at:
+                idle.append(p)
+            else:
+                candidates.append((p, lazy))
+                if lazy:
+                    to_check.append(grad)
+        plans.append((candidates, idle))
+
+    nonzero = iter(nonzero_flags(to_check))
+    result = []
+    for candidates, idle in plans:
+        active = []
+        for p, checked in candidates:
+            if not checked or next(nonzero):
+                active.append(p)
+            else:
+                idle.append(p)
+        result.append(GroupPlan(active, idle))
+    return result
+
+
+def fill_flags(group: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Give a param group safeopt's keys where it lacks them (a torch state_dict, a new group)."""
+    group.setdefault(FROZEN, False)
+    group.setdefault(LAZY, defaults.get(LAZY, True))
+    group.setdefault(FROZEN_PARAMS, [])
+
+
+def check_lazy(value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid lazy value: {value!r}; expected True or False")
+
+
+def check_flags(group: dict[str, Any], n_params: int | None, where: str) -> None:
+    """Raise ValueError if a param group carries malformed safeopt keys.
+
+    ``n_params`` bounds ``frozen_params``; None skips that check (params not known yet).
+    """
+    if LAZY in group:
+        check_lazy(group[LAZY])
+    if FROZEN in group and not isinstance(group[FROZEN], bool):
+        raise ValueError(f"Invalid frozen value in {where}: {group[FROZEN]!r}; expected True or False")
+    if n_params is None:
+        return
+    positions = group.get(FROZEN_PARAMS, [])
+    if not isinstance(positions, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_params for i in positions
+    ):
+        raise ValueError(
+            f"Invalid frozen_params in {where}: {positions!r}; expected positions in "
+            f"range({n_params}) of the group's params (use freeze() instead of setting it)"
+        )
