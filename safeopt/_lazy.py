@@ -15,7 +15,7 @@ import torch
 
 from safeopt import _rule
 from safeopt._freeze import FreezeAPI
-from safeopt._torch_compat import allocate_state, unhooked
+from safeopt._torch_compat import allocate_state, batches, unhooked, writes_into_grads
 
 __all__ = ["LazyOptimizer", "add_group", "lazy_step", "load_state"]
 
@@ -43,15 +43,27 @@ def lazy_step(
     for group, plan in zip(groups, plans):
         allocate_state(optimizer, group, [p for p in plan.idle_with_grad if not optimizer.state.get(p)])
 
+    guarded = [
+        (p, p.grad)
+        for group, plan in zip(groups, plans)
+        if writes_into_grads(optimizer, group, plan.active)
+        for p in plan.active
+    ]
+    rounds = [batches(optimizer, group, plan.active) for group, plan in zip(groups, plans)]
     after = before(plans) if before is not None else None
     all_params = [group["params"] for group in groups]
     try:
-        for group, plan in zip(groups, plans):
-            group["params"] = plan.active
-        step()
+        for p, grad in guarded:
+            p.grad = grad.clone()
+        for r in range(max(map(len, rounds), default=1)):
+            for group, batch in zip(groups, rounds):
+                group["params"] = batch[r] if r < len(batch) else []
+            step()
     finally:
         for group, params in zip(groups, all_params):
             group["params"] = params
+        for p, grad in guarded:
+            p.grad = grad
         if after is not None:
             after()
     return loss

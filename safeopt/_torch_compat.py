@@ -1,4 +1,4 @@
-"""The two places where safeopt leans on torch.optim internals.
+"""The places where safeopt leans on torch.optim internals.
 
 Everything else in safeopt uses public API only. Both seams are small and are
 checked by ``tests/test_torch_compat.py``; each falls back to documented
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["allocate_state", "unhooked"]
+__all__ = ["allocate_state", "batches", "unhooked", "writes_into_grads"]
 
 
 def unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -66,3 +66,43 @@ def allocate_state(
     view["params"] = params
     with torch.no_grad():
         type(optimizer)._init_group(optimizer, view, *([] for _ in range(arity)))  # type: ignore[attr-defined]
+
+
+def writes_into_grads(optimizer: torch.optim.Optimizer, group: dict[str, Any], params: list[torch.Tensor]) -> bool:
+    """Whether torch's step for this group would modify the grads in place.
+
+    torch's foreach SGD with nesterov momentum, no weight decay and no maximize adds
+    the momentum buffer into the caller's grads (``_foreach_add_(device_grads, ...)``),
+    and foreach is torch's default on CUDA. safeopt promises that ``step()`` leaves
+    grads as they were, so for such groups it hands torch copies of the grads.
+    """
+    if not isinstance(optimizer, torch.optim.SGD) or not params:
+        return False
+    if group["momentum"] == 0 or not group["nesterov"] or group["maximize"] or group["weight_decay"] != 0:
+        return False
+    if group.get("fused"):
+        return False
+    foreach = group.get("foreach")
+    if foreach is None:
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+
+        _, foreach = _default_to_fused_or_foreach(params, group.get("differentiable", False), use_fused=False)
+    return bool(foreach)
+
+
+def batches(optimizer: torch.optim.Optimizer, group: dict[str, Any], active: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The active parameters of a group, in as many torch steps as torch can take them.
+
+    One batch, except for fused SGD with momentum: torch's ``_fused_sgd`` treats a
+    step as "first" only when *no* parameter has a momentum buffer yet, and raises
+    a TypeError when some have one and some do not. That mix is ordinary under the
+    lazy rule (a parameter whose first nonzero grad comes late), so safeopt steps
+    the two kinds separately; each is then exactly torch's update for it.
+    """
+    if not (isinstance(optimizer, torch.optim.SGD) and group.get("fused") and group["momentum"] != 0):
+        return [active]
+    started = [p for p in active if optimizer.state.get(p, {}).get("momentum_buffer") is not None]
+    if not started or len(started) == len(active):
+        return [active]
+    ids = {id(p) for p in started}
+    return [started, [p for p in active if id(p) not in ids]]
