@@ -1,0 +1,61 @@
+"""The zero check: what counts as "every element equals zero"."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from safeopt._rule import nonzero_flags
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64]
+
+
+def tiny(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype.to_real() if dtype.is_complex else dtype).smallest_normal / 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_zero_kinds_are_zero_and_everything_else_is_not(dtype: torch.dtype) -> None:
+    def with_last(value: complex | float) -> torch.Tensor:
+        t = torch.zeros(5, dtype=dtype)
+        t[-1] = value
+        return t
+
+    grads = {
+        "+0": torch.zeros(5, dtype=dtype),
+        "-0": torch.full((5,), -0.0, dtype=dtype),
+        "empty": torch.zeros(0, dtype=dtype),
+        "0-d zero": torch.zeros((), dtype=dtype),
+        "one": with_last(1.0),
+        "subnormal": with_last(tiny(dtype)),
+        "nan": with_last(float("nan")),
+        "inf": with_last(float("inf")),
+        "-inf": with_last(float("-inf")),
+        "0-d one": torch.ones((), dtype=dtype),
+    }
+    expected = {"+0": False, "-0": False, "empty": False, "0-d zero": False}
+    flags = nonzero_flags(list(grads.values()))
+    assert dict(zip(grads, flags)) == {name: expected.get(name, True) for name in grads}
+    assert torch.equal(grads["subnormal"][-1:], torch.tensor([tiny(dtype)], dtype=dtype)), "value was not subnormal"
+
+
+def test_complex_counts_either_part() -> None:
+    grads = [torch.tensor([0j, 0j]), torch.tensor([0j, 1j]), torch.tensor([complex(-0.0, -0.0)])]
+    assert nonzero_flags(grads) == [False, True, False]
+
+
+def test_non_contiguous_and_expanded_grads() -> None:
+    base = torch.zeros(4, 6)
+    base[3, 0] = 2.0
+    assert nonzero_flags([base.t(), base[:, 1:], torch.zeros(1).expand(10), base[::3, ::5]]) == [True, False, False, True]
+
+
+def test_sparse_grads_check_their_values_after_coalescing() -> None:
+    cancel = torch.sparse_coo_tensor(torch.tensor([[1, 1]]), torch.tensor([2.0, -2.0]), (4,), check_invariants=True)
+    kept = torch.sparse_coo_tensor(torch.tensor([[1, 2]]), torch.tensor([2.0, 0.0]), (4,), check_invariants=True)
+    empty = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0), (4,), check_invariants=True)
+    assert nonzero_flags([cancel, kept, empty]) == [False, True, False]
+
+
+def test_no_grads_no_work() -> None:
+    assert nonzero_flags([]) == []
