@@ -2,8 +2,8 @@
 
 from safeopt._freeze import Target
 from safeopt.optimizers import SGD, Adam, AdamW
-from safeopt.wrap import wrap
+from safeopt.wrap import LazyWrapper, wrap
 
 __version__ = "0.1.0"
 
-__all__ = ["SGD", "Adam", "AdamW", "Target", "__version__", "wrap"]
+__all__ = ["SGD", "Adam", "AdamW", "LazyWrapper", "Target", "__version__", "wrap"]

@@ -114,17 +114,20 @@ class LazyOptimizer(FreezeAPI):
             _rule.check_flags(group, len(group["params"]), f"param group {i}")
             _rule.fill_flags(group, self.defaults)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # noqa: D102
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """torch's step on the active parameters only; returns the closure's loss, if any."""
         torch_step = unhooked(super().step.__func__)  # type: ignore[misc]
         return lazy_step(self, lambda: torch_step(self), closure)  # type: ignore[arg-type]
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:  # noqa: D102
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``; also takes ``"frozen"`` and ``"lazy"`` keys."""
         if _rule.LAZY not in self.defaults:  # torch's __init__ is still adding its groups
             super().add_param_group(param_group)  # type: ignore[misc]
         else:
             add_group(self, super().add_param_group, param_group)  # type: ignore[misc]
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``; freeze flags come back, a torch state_dict loads unfrozen."""
         load_state(self, super().load_state_dict, state_dict)  # type: ignore[misc]
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -108,19 +108,23 @@ class LazyWrapper(FreezeAPI, Optimizer):
         before = (lambda plans: _snapshot_inactive(inner, plans)) if self._strict else None
         return lazy_step(inner, lambda: self._step(inner), closure, before=before)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:  # noqa: D102
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer; also takes ``"frozen"`` and ``"lazy"`` keys."""
         if "_inner" not in self.__dict__:  # Optimizer.__init__ re-adding the wrapped groups
             super().add_param_group(param_group)
         else:
             add_group(self.optimizer, self.optimizer.add_param_group, param_group)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: D102
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The wrapped optimizer's ``zero_grad``."""
         self.optimizer.zero_grad(set_to_none)
 
-    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state_dict (with safeopt's group keys)."""
         return self.optimizer.state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load into the wrapped optimizer; freeze flags come back, a torch state_dict loads unfrozen."""
         load_state(self.optimizer, self.optimizer.load_state_dict, state_dict)
 
     def __reduce__(self) -> tuple[Any, ...]:
