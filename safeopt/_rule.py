@@ -8,8 +8,9 @@ and the grads; nothing is modified.
 
 from __future__ import annotations
 
+import ctypes
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -40,21 +41,41 @@ def _values(grad: Tensor) -> Tensor:
     return grad
 
 
+# Reading one element's bits on the host: an element compares unequal to zero exactly when a
+# bit other than the sign bit is set (NaN, inf and subnormals included; both parts of a complex).
+_PROBE: dict[torch.dtype, tuple[Callable[[int], Any], int]] = {
+    torch.float32: (ctypes.c_uint32.from_address, 0x7FFF_FFFF),
+    torch.float64: (ctypes.c_uint64.from_address, 0x7FFF_FFFF_FFFF_FFFF),
+    torch.float16: (ctypes.c_uint16.from_address, 0x7FFF),
+    torch.bfloat16: (ctypes.c_uint16.from_address, 0x7FFF),
+    torch.complex64: (ctypes.c_uint64.from_address, 0x7FFF_FFFF_7FFF_FFFF),
+}
+
+
 def nonzero_flags(grads: Sequence[Tensor]) -> list[bool]:
     """For each grad, whether any element is nonzero (-0.0 is zero; NaN, inf and subnormals are not).
 
-    Costs one read of every grad and one host synchronisation per device.
+    Reading a whole grad costs 4 bytes per element against the 28 a fused Adam step
+    moves, so a CPU grad is first probed: its first element is read directly (no kernel,
+    no copy), and in a dense gradient that element is almost never zero. Grads the probe
+    cannot settle are reduced with ``any()``, with one host synchronisation per device.
     """
-    flags = [_values(g).any() for g in grads]
-    by_device: dict[torch.device, list[int]] = defaultdict(list)
-    for i, flag in enumerate(flags):
-        by_device[flag.device].append(i)
-    out = [False] * len(grads)
-    for device, positions in by_device.items():
+    out = [True] * len(grads)
+    pending: dict[torch.device, list[int]] = defaultdict(list)
+    strided = torch.strided
+    for i, grad in enumerate(grads):
+        probe = _PROBE.get(grad.dtype)
+        if probe is not None and grad.is_cpu and type(grad) is Tensor and grad.layout is strided and grad.numel():
+            read, mask = probe
+            if read(grad.data_ptr()).value & mask:
+                continue
+        pending[grad.device].append(i)
+    for device, positions in pending.items():
+        flags = [_values(grads[i]).any() for i in positions]
         if device.type == "cpu":
-            values = [bool(flags[i]) for i in positions]
+            values = [bool(f) for f in flags]
         else:
-            values = torch.stack([flags[i] for i in positions]).tolist()
+            values = torch.stack(flags).tolist()
         for i, value in zip(positions, values):
             out[i] = value
     return out

@@ -14,11 +14,14 @@ def tiny(dtype: torch.dtype) -> float:
     return torch.finfo(dtype.to_real() if dtype.is_complex else dtype).smallest_normal / 4
 
 
+@pytest.mark.parametrize("where", [0, -1], ids=["first element", "last element"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_zero_kinds_are_zero_and_everything_else_is_not(dtype: torch.dtype) -> None:
+def test_zero_kinds_are_zero_and_everything_else_is_not(dtype: torch.dtype, where: int) -> None:
+    """The value sits where the CPU probe looks (first) and where only the full check sees it."""
+
     def with_last(value: complex | float) -> torch.Tensor:
         t = torch.zeros(5, dtype=dtype)
-        t[-1] = value
+        t[where] = value
         return t
 
     grads = {
@@ -36,18 +39,34 @@ def test_zero_kinds_are_zero_and_everything_else_is_not(dtype: torch.dtype) -> N
     expected = {"+0": False, "-0": False, "empty": False, "0-d zero": False}
     flags = nonzero_flags(list(grads.values()))
     assert dict(zip(grads, flags)) == {name: expected.get(name, True) for name in grads}
-    assert torch.equal(grads["subnormal"][-1:], torch.tensor([tiny(dtype)], dtype=dtype)), "value was not subnormal"
+    assert grads["subnormal"][where] != 0 and abs(grads["subnormal"][where]) < torch.finfo(
+        dtype.to_real() if dtype.is_complex else dtype
+    ).smallest_normal, "value was not subnormal"
 
 
 def test_complex_counts_either_part() -> None:
-    grads = [torch.tensor([0j, 0j]), torch.tensor([0j, 1j]), torch.tensor([complex(-0.0, -0.0)])]
-    assert nonzero_flags(grads) == [False, True, False]
+    grads = [
+        torch.tensor([0j, 0j]),
+        torch.tensor([0j, 1j]),
+        torch.tensor([complex(-0.0, -0.0)]),
+        torch.tensor([1j, 0j]),
+        torch.tensor([complex(1, -0.0)]),
+        torch.tensor([complex(-0.0, 0.0)], dtype=torch.complex128),
+        torch.tensor([complex(0.0, 2.0)], dtype=torch.complex128),
+    ]
+    assert nonzero_flags(grads) == [False, True, False, True, True, False, True]
 
 
-def test_non_contiguous_and_expanded_grads() -> None:
+def test_non_contiguous_offset_and_expanded_grads() -> None:
     base = torch.zeros(4, 6)
     base[3, 0] = 2.0
-    assert nonzero_flags([base.t(), base[:, 1:], torch.zeros(1).expand(10), base[::3, ::5]]) == [True, False, False, True]
+    base[0, 0] = 5.0  # outside every view below but the first
+    views = [base.t(), base[:, 1:], torch.zeros(1).expand(10), base[1::2, ::5], base[1:, 1:].t(), base[0, 1:]]
+    assert nonzero_flags(views) == [True, False, False, True, False, False]
+
+
+def test_integer_and_bool_tensors_fall_back_to_the_full_check() -> None:
+    assert nonzero_flags([torch.tensor([0, 3]), torch.tensor([False, False]), torch.tensor([7])]) == [True, False, True]
 
 
 def test_sparse_grads_check_their_values_after_coalescing() -> None:
