@@ -90,9 +90,19 @@ def load_state(
     """``load(state_dict)`` after checking its safeopt keys; a torch state_dict loads with nothing frozen."""
     for i, group in enumerate(state_dict.get("param_groups", [])):
         _rule.check_flags(group, len(group.get("params", [])), f"param group {i} of the state_dict")
+    had_state = {id(p) for group in optimizer.param_groups for p in group["params"] if optimizer.state.get(p)}
     load(state_dict)
     for group in optimizer.param_groups:
         _rule.fill_flags(group, optimizer.defaults)
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if id(p) not in had_state and state and "step" in state and float(state["step"]) == 0:
+                # Fresh state that no step touched: what safeopt allocates for an idle
+                # parameter. torch's load casts its scalars (NAdam's mu_product, ASGD's eta)
+                # to the parameter's dtype, while torch, having stepped only the active
+                # parameters, would allocate it afresh at the first update; so does safeopt.
+                # (State an optimizer makes in __init__, like Adagrad's, is left as loaded.)
+                del optimizer.state[p]
 
 
 class LazyOptimizer(FreezeAPI):

@@ -52,13 +52,43 @@ _PROBE: dict[torch.dtype, tuple[Callable[[int], Any], int]] = {
 }
 
 
+def _extremes(values: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(min, max) of a floating grad's values in one read-only pass; None when that does not apply."""
+    if values.is_complex():
+        values = torch.view_as_real(values)
+    if not values.is_floating_point() or not values.numel():
+        return None
+    return torch.aminmax(values)
+
+
+def _has_nonzero(grad: Tensor) -> bool:
+    # aminmax reads the grad once and allocates nothing; any() on floats materialises a
+    # bool copy first and runs several times slower on the CPU.
+    values = _values(grad)
+    extremes = _extremes(values)
+    if extremes is None:
+        return bool(values.any())
+    lo, hi = extremes
+    return bool(lo) or bool(hi)  # NaN is truthy, -0.0 is not
+
+
+def _has_nonzero_async(grad: Tensor) -> Tensor:
+    values = _values(grad)
+    extremes = _extremes(values)
+    if extremes is None:
+        return values.any()
+    lo, hi = extremes
+    return (lo != 0) | (hi != 0)
+
+
 def nonzero_flags(grads: Sequence[Tensor]) -> list[bool]:
     """For each grad, whether any element is nonzero (-0.0 is zero; NaN, inf and subnormals are not).
 
     Reading a whole grad costs 4 bytes per element against the 28 a fused Adam step
     moves, so a CPU grad is first probed: its first element is read directly (no kernel,
     no copy), and in a dense gradient that element is almost never zero. Grads the probe
-    cannot settle are reduced with ``any()``, with one host synchronisation per device.
+    cannot settle are reduced in full (min and max in one pass); on an accelerator all of
+    them cost one host synchronisation per device.
     """
     out = [True] * len(grads)
     pending: dict[torch.device, list[int]] = defaultdict(list)
@@ -71,13 +101,13 @@ def nonzero_flags(grads: Sequence[Tensor]) -> list[bool]:
                 continue
         pending[grad.device].append(i)
     for device, positions in pending.items():
-        flags = [_values(grads[i]).any() for i in positions]
         if device.type == "cpu":
-            values = [bool(f) for f in flags]
-        else:
-            values = torch.stack(flags).tolist()
-        for i, value in zip(positions, values):
-            out[i] = value
+            for i in positions:
+                out[i] = _has_nonzero(grads[i])
+        else:  # one host synchronisation for all of this device's grads
+            flags = torch.stack([_has_nonzero_async(grads[i]) for i in positions]).tolist()
+            for i, flag in zip(positions, flags):
+                out[i] = flag
     return out
 
 

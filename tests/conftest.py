@@ -7,12 +7,15 @@
 
 import os
 
+# torch's test utilities (imported by tests/cases.py for optim_db) register and load a
+# hypothesis profile of their own at import. Import them first so that ours wins.
+import torch.testing._internal.common_utils  # noqa: F401
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
     "ci",
-    max_examples=40,
-    stateful_step_count=10,
+    max_examples=150,
+    stateful_step_count=15,
     derandomize=True,
     deadline=None,
     print_blob=True,
@@ -20,8 +23,8 @@ settings.register_profile(
 )
 settings.register_profile(
     "local",
-    max_examples=200,
-    stateful_step_count=20,
+    max_examples=1000,
+    stateful_step_count=30,
     deadline=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

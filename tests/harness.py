@@ -42,9 +42,9 @@ def make_grad(p: Tensor, kind: str, gen: torch.Generator) -> Tensor | None:
     if kind == "none":
         return None
     if kind == "zero":
-        return torch.zeros_like(p)
+        return torch.zeros(p.shape, dtype=p.dtype, device=p.device)
     if kind == "negzero":
-        return torch.full_like(p, -0.0)
+        return torch.full(p.shape, -0.0, dtype=p.dtype, device=p.device)
     dense = torch.randn(p.shape, generator=gen, dtype=torch.float64)
     if p.dtype.is_complex:
         dense = torch.complex(dense, torch.randn(p.shape, generator=gen, dtype=torch.float64))
@@ -59,7 +59,7 @@ def make_grad(p: Tensor, kind: str, gen: torch.Generator) -> Tensor | None:
         return out
     if kind == "subnormal":
         tiny = torch.finfo(p.dtype.to_real() if p.dtype.is_complex else p.dtype).smallest_normal / 4
-        out = torch.zeros_like(p)
+        out = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
         if out.numel():
             out.view(-1)[-1] = tiny
         return out

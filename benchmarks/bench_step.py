@@ -1,0 +1,289 @@
+"""Optimizer step time and memory: safeopt against torch.optim, same implementation, one process.
+
+Usage:
+    python benchmarks/bench_step.py            # full suite (CPU; CUDA too when present)
+    python benchmarks/bench_step.py --quick    # a subset, under a minute on 2 CPU cores
+    python benchmarks/bench_step.py --device cpu --out benchmarks/results
+
+For every workload, optimizer (Adam, AdamW, SGD with momentum 0.9), implementation (forloop,
+foreach, fused) and active fraction (100%, 50%, 10%, 0%; inactive made by zero grads or by
+``freeze``), torch and safeopt optimizers step the *same* parameters and grads in interleaved
+rounds. Each round times a few steps of each; the figure reported is the median over rounds of
+``safeopt time / torch time``, torch stepping everything with the same grads (the baseline sits in
+the same table as the ``torch ms`` column). Memory is the extra memory a step allocates beyond
+the parameters, grads and state (CUDA: peak allocated; CPU: bytes allocated during the step,
+from the profiler).
+
+Writes ``<out>/results.json``, ``<out>/results.md`` and ``<out>/ratio_vs_active.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import safeopt  # noqa: E402
+
+
+# --------------------------------------------------------------------------- workloads
+def _uniform(n: int, numel: int) -> Callable[[], list[nn.Parameter]]:
+    def build() -> list[nn.Parameter]:
+        return [nn.Parameter(torch.randn(numel)) for _ in range(n)]
+
+    return build
+
+
+def _gpt2_small() -> list[nn.Parameter]:
+    """A GPT-2-small-shaped transformer from torch.nn, random init (~124M parameters, 148 tensors)."""
+    d, layers, vocab, ctx = 768, 12, 50257, 1024
+    model = nn.ModuleDict(
+        {
+            "wte": nn.Embedding(vocab, d),
+            "wpe": nn.Embedding(ctx, d),
+            "h": nn.ModuleList(
+                nn.TransformerEncoderLayer(d, 12, 4 * d, activation="gelu", batch_first=True, norm_first=True)
+                for _ in range(layers)
+            ),
+            "ln_f": nn.LayerNorm(d),
+        }
+    )
+    return list(model.parameters())
+
+
+WORKLOADS: dict[str, Callable[[], list[nn.Parameter]]] = {
+    "100 tiny (0.2M)": _uniform(100, 2_000),
+    "40 medium (5M)": _uniform(40, 125_000),
+    "16 large (34M)": _uniform(16, 2_125_000),
+    "GPT-2 small (124M)": _gpt2_small,
+}
+
+OPTIMIZERS: dict[str, tuple[type, type, dict]] = {
+    "Adam": (torch.optim.Adam, safeopt.Adam, {"lr": 1e-3}),
+    "AdamW": (torch.optim.AdamW, safeopt.AdamW, {"lr": 1e-3}),
+    "SGD": (torch.optim.SGD, safeopt.SGD, {"lr": 1e-3, "momentum": 0.9}),
+}
+IMPLS = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+FRACTIONS = (1.0, 0.5, 0.1, 0.0)
+
+
+@dataclasses.dataclass
+class Row:
+    device: str
+    workload: str
+    optimizer: str
+    impl: str
+    how: str  # "zero grads" or "freeze"
+    active: float
+    torch_ms: float
+    safeopt_ms: float
+    ratio: float
+    extra_mb_torch: float
+    extra_mb_safeopt: float
+
+
+def _inactive(params: list[nn.Parameter], active: float) -> set[int]:
+    """Indices of the tensors made inactive: the last ones, until (1 - active) of the elements."""
+    total = sum(p.numel() for p in params)
+    out: set[int] = set()
+    idle = 0
+    for i in reversed(range(len(params))):
+        if idle >= (1 - active) * total - 1e-9:
+            break
+        out.add(i)
+        idle += params[i].numel()
+    return out
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(step: Callable[[], object], n: int, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / n
+
+
+def _extra_memory_mb(step: Callable[[], object], device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0 and not e.cpu_children)
+    return allocated / 2**20
+
+
+def measure(
+    device: str, workload: str, opt_name: str, impl: str, how: str, active: float, params: list[nn.Parameter],
+    rounds: int, steps: int,
+) -> Row:
+    torch_cls, safe_cls, kwargs = OPTIMIZERS[opt_name]
+    kwargs = {**kwargs, **IMPLS[impl]}
+    idle = _inactive(params, active)
+    for i, p in enumerate(params):
+        p.grad = torch.zeros_like(p) if (how == "zero grads" and i in idle) else torch.randn_like(p)
+    ref, mine = torch_cls(params, **kwargs), safe_cls(params, **kwargs)
+    if how == "freeze" and idle:
+        mine.freeze([params[i] for i in idle])
+    ref.step()
+    mine.step()  # allocate state outside the timed region
+    ratios, t_torch, t_mine = [], [], []
+    for _ in range(rounds):
+        a = _time(ref.step, steps, device)
+        b = _time(mine.step, steps, device)
+        ratios.append(b / a)
+        t_torch.append(a)
+        t_mine.append(b)
+    row = Row(
+        device, workload, opt_name, impl, how, active,
+        statistics.median(t_torch) * 1e3, statistics.median(t_mine) * 1e3, statistics.median(ratios),
+        _extra_memory_mb(ref.step, device), _extra_memory_mb(mine.step, device),
+    )
+    del ref, mine
+    for p in params:
+        p.grad = None
+    return row
+
+
+def plan(quick: bool, device: str) -> Iterator[tuple[str, str, str, str, float]]:
+    workloads = ["100 tiny (0.2M)", "40 medium (5M)"] if quick else list(WORKLOADS)
+    for workload in workloads:
+        opts = ["Adam", "SGD"] if quick else list(OPTIMIZERS)
+        for opt_name in opts:
+            impls = ["foreach", "fused"] if quick else list(IMPLS)
+            for impl in impls:
+                if quick and opt_name == "SGD" and impl == "fused":
+                    continue
+                for how in ("zero grads", "freeze"):
+                    for active in (1.0, 0.5, 0.0) if quick else FRACTIONS:
+                        if how == "freeze" and active == 1.0:
+                            continue  # identical to "zero grads" at 100%
+                        yield workload, opt_name, impl, how, active
+
+
+def _progress(items: list, desc: str) -> Iterator:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # a plain bar on stderr
+        for i, item in enumerate(items, 1):
+            filled = int(30 * i / len(items))
+            print(f"\r{desc} [{'#' * filled}{'.' * (30 - filled)}] {i}/{len(items)}", end="", file=sys.stderr)
+            yield item
+        print(file=sys.stderr)
+        return
+    yield from tqdm(items, desc=desc)
+
+
+def markdown(rows: list[Row], meta: dict) -> str:
+    lines = [
+        f"Measured {meta['date']} on {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads.",
+        "",
+        "| device | workload | optimizer | impl | inactive by | active | torch ms | safeopt ms | ratio | extra MB torch | extra MB safeopt |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.device} | {r.workload} | {r.optimizer} | {r.impl} | {r.how} | {r.active:.0%} | "
+            f"{r.torch_ms:.3f} | {r.safeopt_ms:.3f} | **{r.ratio:.2f}** | {r.extra_mb_torch:.1f} | {r.extra_mb_safeopt:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
+        return False
+    workloads = list(dict.fromkeys(r.workload for r in rows))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4.2 * len(workloads), 3.8), squeeze=False, sharey=True)
+    for ax, workload in zip(axes[0], workloads):
+        series: dict[str, list[Row]] = {}
+        for r in rows:
+            if r.workload == workload:
+                series.setdefault(f"{r.device} {r.optimizer} {r.impl} ({r.how})", []).append(r)
+        for label, rs in series.items():
+            rs = sorted(rs, key=lambda r: r.active)
+            ax.plot([r.active * 100 for r in rs], [r.ratio for r in rs], marker="o", label=label, linewidth=1)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_title(workload)
+        ax.set_xlabel("active parameters (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("safeopt / torch step time")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=6)
+    fig.tight_layout(rect=(0, 0.18, 1, 1))
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a subset that finishes in under a minute")
+    parser.add_argument("--device", choices=["cpu", "cuda"], action="append", help="default: cpu, and cuda if present")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved A/B rounds (default 5, quick 3)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    rounds = args.rounds or (3 if args.quick else 5)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    rows: list[Row] = []
+    for device in devices:
+        todo = list(plan(args.quick, device))
+        built: dict[str, list[nn.Parameter]] = {}
+        for workload, opt_name, impl, how, active in _progress(todo, f"{device}"):
+            if workload not in built:
+                built.clear()
+                torch.manual_seed(0)
+                with torch.device(device):
+                    built[workload] = WORKLOADS[workload]()
+            params = built[workload]
+            steps = max(1, min(20, int(2e7 / sum(p.numel() for p in params))))
+            rows.append(measure(device, workload, opt_name, impl, how, active, params, rounds, steps))
+
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+        "rounds": rounds,
+    }
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    table = markdown(rows, meta)
+    (args.out / "results.md").write_text(table)
+    plot(rows, args.out / "ratio_vs_active.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
