@@ -81,68 +81,97 @@ def _has_nonzero_async(grad: Tensor) -> Tensor:
     return (lo != 0) | (hi != 0)
 
 
-def nonzero_flags(grads: Sequence[Tensor]) -> list[bool]:
-    """For each grad, whether any element is nonzero (-0.0 is zero; NaN, inf and subnormals are not).
+def _surely_nonzero(grad: Tensor) -> bool:
+    """True when one element read on the host proves ``grad`` has a nonzero element.
 
     Reading a whole grad costs 4 bytes per element against the 28 a fused Adam step
-    moves, so a CPU grad is first probed: its first element is read directly (no kernel,
-    no copy), and in a dense gradient that element is almost never zero. Grads the probe
-    cannot settle are reduced in full (min and max in one pass); on an accelerator all of
-    them cost one host synchronisation per device.
+    moves. The first element of a CPU grad is read directly instead (no kernel, no
+    copy); in a dense gradient it is almost never zero. False means "look closer".
     """
-    out = [True] * len(grads)
-    pending: dict[torch.device, list[int]] = defaultdict(list)
-    strided = torch.strided
+    probe = _PROBE.get(grad.dtype)
+    if probe is None or not grad.is_cpu or type(grad) is not Tensor or grad.layout is not torch.strided:
+        return False
+    if not grad.numel():
+        return False
+    read, mask = probe
+    return bool(read(grad.data_ptr()).value & mask)
+
+
+def _full_flags(grads: Sequence[Tensor]) -> list[bool]:
+    """Whether each grad has a nonzero element, reading all of it; one host sync per accelerator."""
+    out = [False] * len(grads)
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
     for i, grad in enumerate(grads):
-        probe = _PROBE.get(grad.dtype)
-        if probe is not None and grad.is_cpu and type(grad) is Tensor and grad.layout is strided and grad.numel():
-            read, mask = probe
-            if read(grad.data_ptr()).value & mask:
-                continue
-        pending[grad.device].append(i)
-    for device, positions in pending.items():
+        by_device[grad.device].append(i)
+    for device, positions in by_device.items():
         if device.type == "cpu":
             for i in positions:
                 out[i] = _has_nonzero(grads[i])
-        else:  # one host synchronisation for all of this device's grads
+        else:
             flags = torch.stack([_has_nonzero_async(grads[i]) for i in positions]).tolist()
             for i, flag in zip(positions, flags):
                 out[i] = flag
     return out
 
 
+def nonzero_flags(grads: Sequence[Tensor]) -> list[bool]:
+    """For each grad, whether any element is nonzero (-0.0 is zero; NaN, inf and subnormals are not)."""
+    out = [True] * len(grads)
+    unsure = [i for i, grad in enumerate(grads) if not _surely_nonzero(grad)]
+    for i, flag in zip(unsure, _full_flags([grads[i] for i in unsure])):
+        out[i] = flag
+    return out
+
+
 def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
-    """Split every group's parameters into active ones and idle ones that have a grad."""
-    plans: list[tuple[list[tuple[Tensor, bool]], list[Tensor]]] = []
-    to_check: list[Tensor] = []
+    """Split every group's parameters into active ones and idle ones that have a grad.
+
+    This runs on every step, once per parameter: it is kept to one pass and a probe.
+    """
+    result: list[GroupPlan] = []
+    unsure: list[tuple[int, int, Tensor, Tensor]] = []  # (group, position, param, grad)
+    probe_of, strided = _PROBE.get, torch.strided
     for group in param_groups:
-        frozen_all = group[FROZEN]
+        plan = GroupPlan([], [])
+        result.append(plan)
+        params = group["params"]
+        if group[FROZEN]:
+            plan.idle_with_grad.extend(p for p in params if p.grad is not None)
+            continue
         frozen_at = set(group[FROZEN_PARAMS])
         lazy = group[LAZY]
-        candidates: list[tuple[Tensor, bool]] = []
-        idle: list[Tensor] = []
-        for position, p in enumerate(group["params"]):
+        active, idle = plan
+        for position, p in enumerate(params):
             grad = p.grad
             if grad is None:
                 continue
-            if frozen_all or position in frozen_at:
+            if frozen_at and position in frozen_at:
                 idle.append(p)
+                continue
+            if lazy:  # _surely_nonzero, inlined: this line runs for every parameter every step
+                probe = probe_of(grad.dtype)
+                if not (
+                    probe is not None
+                    and grad.is_cpu
+                    and grad.layout is strided
+                    and type(grad) is Tensor
+                    and grad.numel()
+                    and probe[0](grad.data_ptr()).value & probe[1]
+                ):
+                    unsure.append((len(result) - 1, position, p, grad))
+                    continue
+            active.append(p)
+    if unsure:
+        late: set[int] = set()
+        for (gi, _, p, _), flag in zip(unsure, _full_flags([u[3] for u in unsure])):
+            if flag:
+                result[gi].active.append(p)
+                late.add(gi)
             else:
-                candidates.append((p, lazy))
-                if lazy:
-                    to_check.append(grad)
-        plans.append((candidates, idle))
-
-    nonzero = iter(nonzero_flags(to_check))
-    result = []
-    for candidates, idle in plans:
-        active = []
-        for p, checked in candidates:
-            if not checked or next(nonzero):
-                active.append(p)
-            else:
-                idle.append(p)
-        result.append(GroupPlan(active, idle))
+                result[gi].idle_with_grad.append(p)
+        for gi in late:  # keep group order, as torch would visit them
+            order = {id(p): i for i, p in enumerate(param_groups[gi]["params"])}
+            result[gi].active.sort(key=lambda p: order[id(p)])
     return result
 
 
