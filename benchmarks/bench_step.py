@@ -30,8 +30,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
-from torch import nn
+import os
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the memory profiler is chatty otherwise
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import safeopt  # noqa: E402
@@ -213,6 +216,7 @@ def markdown(rows: list[Row], meta: dict) -> str:
 
 
 def plot(rows: list[Row], path: Path) -> bool:
+    """One panel per (implementation, workload); colour = optimizer, line style = how inactive."""
     try:
         import matplotlib
 
@@ -222,24 +226,36 @@ def plot(rows: list[Row], path: Path) -> bool:
         print("matplotlib is not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
         return False
     workloads = list(dict.fromkeys(r.workload for r in rows))
-    fig, axes = plt.subplots(1, len(workloads), figsize=(4.2 * len(workloads), 3.8), squeeze=False, sharey=True)
-    for ax, workload in zip(axes[0], workloads):
-        series: dict[str, list[Row]] = {}
+    impls = list(dict.fromkeys(r.impl for r in rows))
+    colours = dict(zip(OPTIMIZERS, ("tab:blue", "tab:orange", "tab:green")))
+    styles = {"zero grads": "-", "freeze": "--"}
+    fig, axes = plt.subplots(
+        len(impls), len(workloads), figsize=(3.6 * len(workloads), 2.6 * len(impls)), squeeze=False, sharex=True
+    )
+    for (i, impl), (j, workload) in ((x, y) for x in enumerate(impls) for y in enumerate(workloads)):
+        ax = axes[i][j]
+        series: dict[tuple[str, str, str], list[Row]] = {}
         for r in rows:
-            if r.workload == workload:
-                series.setdefault(f"{r.device} {r.optimizer} {r.impl} ({r.how})", []).append(r)
-        for label, rs in series.items():
+            if r.workload == workload and r.impl == impl:
+                series.setdefault((r.device, r.optimizer, r.how), []).append(r)
+        for (device, opt_name, how), rs in series.items():
             rs = sorted(rs, key=lambda r: r.active)
-            ax.plot([r.active * 100 for r in rs], [r.ratio for r in rs], marker="o", label=label, linewidth=1)
+            ax.plot(
+                [r.active * 100 for r in rs], [r.ratio for r in rs], marker="o", markersize=3,
+                color=colours[opt_name], linestyle=styles[how], linewidth=1,
+                label=f"{opt_name}, {how}" + (f" ({device})" if len({r.device for r in rows}) > 1 else ""),
+            )
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_title(workload)
-        ax.set_xlabel("active parameters (%)")
+        ax.set_title(f"{workload}, {impl}", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("safeopt / torch step time")
+        if i == len(impls) - 1:
+            ax.set_xlabel("active parameters (%)")
+        if j == 0:
+            ax.set_ylabel("safeopt / torch time")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=6)
-    fig.tight_layout(rect=(0, 0.18, 1, 1))
-    fig.savefig(path, dpi=120)
+    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=110)
     return True
 
 
@@ -249,7 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], action="append", help="default: cpu, and cuda if present")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved A/B rounds (default 5, quick 3)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--replot", action="store_true", help="redraw table and plot from <out>/results.json")
     args = parser.parse_args(argv)
+    if args.replot:
+        saved = json.loads((args.out / "results.json").read_text())
+        rows = [Row(**r) for r in saved["rows"]]
+        (args.out / "results.md").write_text(markdown(rows, saved["meta"]))
+        plot(rows, args.out / "ratio_vs_active.png")
+        return 0
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     rounds = args.rounds or (3 if args.quick else 5)
     args.out.mkdir(parents=True, exist_ok=True)
