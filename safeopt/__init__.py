@@ -2,9 +2,9 @@
 
 from safeopt._audit import AuditReport, audit
 from safeopt._freeze import Target
+from safeopt._optimizers import SGD, Adam, AdamW
 from safeopt._watch import Watch, WatchReport, watch
-from safeopt.optimizers import SGD, Adam, AdamW
-from safeopt.wrap import LazyWrapper, wrap
+from safeopt._wrap import LazyWrapper, wrap
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,8 @@
-"""safeopt.wrap: the lazy rule and the freeze API for any torch.optim.Optimizer instance."""
+"""wrap(): the lazy rule and the freeze API for any torch.optim.Optimizer instance."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -215,4 +216,4 @@ def wrap(optimizer: Optimizer, *, strict: bool = False, lazy: bool = True) -> La
     return LazyWrapper(optimizer, strict=strict, lazy=lazy)
 
 
-wrap.__doc__ = (wrap.__doc__ or "") + RULE
+wrap.__doc__ = inspect.cleandoc(wrap.__doc__ or "") + "\n\n" + RULE
