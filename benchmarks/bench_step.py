@@ -8,7 +8,7 @@ Usage:
 For every workload, optimizer (Adam, AdamW, SGD with momentum 0.9), implementation (forloop,
 foreach, fused) and active fraction (100%, 50%, 10%, 0%; inactive made by zero grads or by
 ``freeze``), torch and safeopt optimizers step the *same* parameters and grads in interleaved
-rounds. Each round times a few steps of each; the figure reported is the median over rounds of
+rounds (alternating which goes first). Each round times a few steps of each; the figure is the median over rounds of
 ``safeopt time / torch time``, torch stepping everything with the same grads (the baseline sits in
 the same table as the ``torch ms`` column). Memory is the extra memory a step allocates beyond
 the parameters, grads and state (CUDA: peak allocated; CPU: bytes allocated during the step,
@@ -154,9 +154,13 @@ def measure(
     ref.step()
     mine.step()  # allocate state outside the timed region
     ratios, t_torch, t_mine = [], [], []
-    for _ in range(rounds):
-        a = _time(ref.step, steps, device)
-        b = _time(mine.step, steps, device)
+    for r in range(rounds):
+        if r % 2:  # alternate who goes first, so neither always runs on a warmer cache
+            b = _time(mine.step, steps, device)
+            a = _time(ref.step, steps, device)
+        else:
+            a = _time(ref.step, steps, device)
+            b = _time(mine.step, steps, device)
         ratios.append(b / a)
         t_torch.append(a)
         t_mine.append(b)
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a subset that finishes in under a minute")
     parser.add_argument("--device", choices=["cpu", "cuda"], action="append", help="default: cpu, and cuda if present")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved A/B rounds (default 5, quick 3)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved A/B rounds (default 7, quick 5)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--replot", action="store_true", help="redraw table and plot from <out>/results.json")
     args = parser.parse_args(argv)
@@ -274,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(rows, args.out / "ratio_vs_active.png")
         return 0
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    rounds = args.rounds or (3 if args.quick else 5)
+    rounds = args.rounds or (5 if args.quick else 7)
     args.out.mkdir(parents=True, exist_ok=True)
 
     rows: list[Row] = []
