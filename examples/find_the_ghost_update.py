@@ -21,29 +21,28 @@ report = safeopt.audit(model, optimizer)
 print(report, end="\n\n")
 assert report and {f.kind for f in report.findings} == {"not_in_optimizer"}
 
-# The user's own training loop, unchanged, under watch: the encoder is detached on odd epochs.
-with safeopt.watch(optimizer, model) as w:
-    for step in range(40):
-        features = model["encoder"](torch.randn(32, 8))
-        if (step // 10) % 2 == 1:
-            features = features.detach()
-        optimizer.zero_grad(set_to_none=False)
-        model["head"](features).pow(2).mean().backward()
-        optimizer.step()
-print(w.report(), end="\n\n")
-assert {row.name for row in w.report().moved} == {"encoder.weight", "encoder.bias"}
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer) -> safeopt.WatchReport:
+    """The user's own loop, unchanged, under watch: the encoder is detached on odd epochs."""
+    with safeopt.watch(optimizer, model) as w:
+        for step in range(40):
+            features = model["encoder"](torch.randn(32, 8))
+            if (step // 10) % 2 == 1:
+                features = features.detach()
+            optimizer.zero_grad(set_to_none=False)
+            model["head"](features).pow(2).mean().backward()
+            optimizer.step()
+    return w.report()
+
+
+report = train(model, optimizer)
+print(report, end="\n\n")
+assert {row.name for row in report.moved} == {"encoder.weight", "encoder.bias"}
 
 # The same loop with safeopt.AdamW: nothing moves without a gradient.
 torch.manual_seed(0)
 model = nn.ModuleDict({"encoder": nn.Linear(8, 16), "head": nn.Linear(16, 1)})
-optimizer = safeopt.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-with safeopt.watch(optimizer, model) as w:
-    for step in range(40):
-        features = model["encoder"](torch.randn(32, 8))
-        if (step // 10) % 2 == 1:
-            features = features.detach()
-        optimizer.zero_grad(set_to_none=False)
-        model["head"](features).pow(2).mean().backward()
-        optimizer.step()
-print(w.report())
-assert not w.report()
+report = train(model, safeopt.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+print(report)
+assert not report
