@@ -4,6 +4,7 @@ Usage:
     python benchmarks/bench_step.py            # full suite (CPU; CUDA too when present)
     python benchmarks/bench_step.py --quick    # a subset, under a minute on 2 CPU cores
     python benchmarks/bench_step.py --device cpu --out benchmarks/results
+    python benchmarks/bench_step.py --rows     # lazy="rows" only (embedding table, grouped experts)
 
 For every workload, optimizer (Adam, AdamW, SGD with momentum 0.9), implementation (forloop,
 foreach, fused) and active fraction (100%, 50%, 10%, 0%; inactive made by zero grads or by
@@ -15,6 +16,13 @@ the parameters, grads and state (CUDA: peak allocated; CPU: bytes allocated duri
 from the profiler).
 
 Writes ``<out>/results.json``, ``<out>/results.md`` and ``<out>/ratio_vs_active.png``.
+
+``lazy="rows"`` (see ``bench_rows``): a 1,000,000 x 64 embedding table and grouped experts
+``[64, 512, 512]`` whose grads are dense with only some rows (experts) nonzero, safeopt with
+``lazy="rows"`` against torch's dense step of the same implementation. Each step takes the next of
+three grads with different random active rows, so rows reach different step counts. Written to
+``<out>/rows.json`` and ``<out>/rows.md``; part of the full suite, alone with ``--rows``, and the
+1%-active embedding with fused Adam in ``--quick``.
 """
 
 from __future__ import annotations
@@ -263,6 +271,129 @@ def plot(rows: list[Row], path: Path) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------- lazy="rows"
+def _embedding() -> list[nn.Parameter]:
+    return [nn.Parameter(torch.randn(1_000_000, 64))]
+
+
+def _experts() -> list[nn.Parameter]:
+    return [nn.Parameter(torch.randn(64, 512, 512))]
+
+
+# workload -> (build, fractions of rows active, what a row is)
+ROWS_WORKLOADS: dict[str, tuple[Callable[[], list[nn.Parameter]], tuple[float, ...]]] = {
+    "embedding 1M x 64": (_embedding, (0.01, 0.1, 1.0)),
+    "experts 64 x 512 x 512": (_experts, (0.125, 0.875, 1.0)),
+}
+ROWS_CASES = [("Adam", "fused"), ("Adam", "foreach"), ("Adam", "forloop"), ("SGD", "fused"), ("SGD", "foreach")]
+
+
+def _row_grads(p: nn.Parameter, active: float, n: int = 3) -> list[torch.Tensor]:
+    """``n`` dense grads, each with a different random ``active`` fraction of rows nonzero."""
+    out = []
+    for _ in range(n):
+        grad = torch.zeros_like(p)
+        rows = torch.randperm(p.shape[0], device=p.device)[: max(1, round(active * p.shape[0]))]
+        grad[rows] = torch.randn((len(rows), *p.shape[1:]), device=p.device)
+        out.append(grad)
+    return out
+
+
+def bench_rows(device: str, quick: bool, rounds: int) -> list[Row]:
+    """lazy="rows" against torch's dense step, same implementation; ``Row.how`` is "rows"."""
+    rows: list[Row] = []
+    todo = [
+        (workload, opt_name, impl, active)
+        for workload, (_, fractions) in ROWS_WORKLOADS.items()
+        for opt_name, impl in ROWS_CASES
+        for active in fractions
+        if not quick or (workload.startswith("embedding") and opt_name == "Adam" and impl == "fused" and active == 0.01)
+    ]
+    built: dict[str, list[nn.Parameter]] = {}
+    for workload, opt_name, impl, active in _progress(todo, f"{device} rows"):
+        if workload not in built:
+            built.clear()
+            torch.manual_seed(0)
+            with torch.device(device):
+                built[workload] = ROWS_WORKLOADS[workload][0]()
+        (p,) = built[workload]
+        grads = _row_grads(p, active)
+        torch_cls, safe_cls, kwargs = OPTIMIZERS[opt_name]
+        kwargs = {**kwargs, **IMPLS[impl]}
+        ref, mine = torch_cls([p], **kwargs), safe_cls([p], **kwargs, lazy="rows")
+        turn = [0]
+
+        def stepper(opt: torch.optim.Optimizer) -> Callable[[], None]:
+            def step() -> None:
+                p.grad = grads[turn[0] % len(grads)]
+                turn[0] += 1
+                opt.step()
+
+            return step
+
+        ref_step, mine_step = stepper(ref), stepper(mine)
+        for _ in range(len(grads)):  # state allocation and row counts outside the timed region
+            ref_step()
+            mine_step()
+        steps = 3
+        ratios, t_torch, t_mine = [], [], []
+        for r in range(rounds):
+            if r % 2:
+                b = _time(mine_step, steps, device)
+                a = _time(ref_step, steps, device)
+            else:
+                a = _time(ref_step, steps, device)
+                b = _time(mine_step, steps, device)
+            ratios.append(b / a)
+            t_torch.append(a)
+            t_mine.append(b)
+        rows.append(
+            Row(
+                device, workload, opt_name, impl, "rows", active,
+                statistics.median(t_torch) * 1e3, statistics.median(t_mine) * 1e3, statistics.median(ratios),
+                _extra_memory_mb(ref_step, device), _extra_memory_mb(mine_step, device),
+            )
+        )
+        del ref, mine, grads
+        p.grad = None
+    return rows
+
+
+def run_rows(out: Path, devices: list[str], quick: bool, rounds: int) -> None:
+    """bench_rows on every device; writes ``<out>/rows.json`` and ``rows.md`` (``rows-quick.*`` with quick)."""
+    rows = [r for device in devices for r in bench_rows(device, quick, rounds)]
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "quick": quick,
+        "rounds": rounds,
+    }
+    path = out / ("rows-quick.json" if quick else "rows.json")
+    path.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    table = rows_markdown(rows, meta)
+    path.with_suffix(".md").write_text(table)
+    print(table)
+
+
+def rows_markdown(rows: list[Row], meta: dict) -> str:
+    lines = [
+        f"Measured {meta['date']} on {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads. "
+        "safeopt with lazy=\"rows\" against torch's dense step, same implementation.",
+        "",
+        "| device | workload | optimizer | impl | rows active | torch ms | safeopt ms | ratio | extra MB torch | extra MB safeopt |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.device} | {r.workload} | {r.optimizer} | {r.impl} | {r.active:.1%} | {r.torch_ms:.2f} | "
+            f"{r.safeopt_ms:.2f} | **{r.ratio:.2f}** | {r.extra_mb_torch:.1f} | {r.extra_mb_safeopt:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a subset that finishes in under a minute")
@@ -270,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved A/B rounds (default 7, quick 5)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--replot", action="store_true", help="redraw table and plot from <out>/results.json")
+    parser.add_argument("--rows", action="store_true", help='only the lazy="rows" workloads')
     args = parser.parse_args(argv)
     if args.replot:
         saved = json.loads((args.out / "results.json").read_text())
@@ -280,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     rounds = args.rounds or (5 if args.quick else 7)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.rows:
+        run_rows(args.out, devices, quick=False, rounds=rounds)
+        return 0
 
     rows: list[Row] = []
     for device in devices:
@@ -309,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.md").write_text(table)
     plot(rows, args.out / "ratio_vs_active.png")
     print(table)
+    run_rows(args.out, devices, quick=args.quick, rounds=rounds)
     return 0
 
 

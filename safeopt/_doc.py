@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Literal, Union
 
 RULE = """\
 A parameter is *inactive* in a step when its group or the parameter itself is
@@ -16,7 +17,9 @@ active parameters. An inactive parameter with a grad gets its state allocated as
 torch allocates it (zeros, step 0), without an update.
 
 ``lazy`` (keyword-only, also a per-group option): ``False`` restores torch's
-treatment of zero grads; freezing still applies."""
+treatment of zero grads; freezing still applies. ``"rows"`` (``Adam``, ``AdamW``
+and ``SGD``) applies the rule to each row (slice along dim 0) of a parameter of
+two or more dimensions, with per-row step counts: see ``docs/rows.md``."""
 
 
 def lazy_twin_doc(torch_cls: type) -> str:
@@ -31,5 +34,7 @@ def lazy_twin_doc(torch_cls: type) -> str:
 def lazy_twin_signature(torch_cls: type) -> inspect.Signature:
     """torch's constructor signature with the keyword-only ``lazy=True`` added."""
     sig = inspect.signature(torch_cls)
-    lazy = inspect.Parameter("lazy", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=bool)
+    lazy = inspect.Parameter(
+        "lazy", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=Union[bool, Literal["rows"]]
+    )
     return sig.replace(parameters=[*sig.parameters.values(), lazy])

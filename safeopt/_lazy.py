@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from safeopt import _rule
+from safeopt import _rows, _rule
 from safeopt._freeze import FreezeAPI
 from safeopt._torch_compat import allocate_state, batches, unhooked, writes_into_grads
 
@@ -38,10 +38,13 @@ def lazy_step(
             loss = closure()
 
     groups = optimizer.param_groups
+    _rows.check(optimizer, groups, twin=isinstance(optimizer, LazyOptimizer))
     with torch.no_grad():
         plans = _rule.plan_step(groups)
     for group, plan in zip(groups, plans):
         allocate_state(optimizer, group, [p for p in plan.idle_with_grad if not optimizer.state.get(p)])
+    by_rows = _rows.RowSteps()
+    buckets = by_rows.prepare(optimizer, groups, plans)  # lazy="rows": the active rows, gathered
 
     guarded = [
         (p, p.grad)
@@ -49,9 +52,10 @@ def lazy_step(
         if writes_into_grads(optimizer, group, plan.active)
         for p in plan.active
     ]
-    rounds = [batches(optimizer, group, plan.active) for group, plan in zip(groups, plans)]
+    rounds = [batches(optimizer, group, plan.active + extra) for group, plan, extra in zip(groups, plans, buckets)]
     after = before(plans) if before is not None else None
     all_params = [group["params"] for group in groups]
+    stepped = False
     try:
         for p, grad in guarded:
             p.grad = grad.clone()
@@ -59,13 +63,17 @@ def lazy_step(
             for group, batch in zip(groups, rounds):
                 group["params"] = batch[r] if r < len(batch) else []
             step()
+        stepped = True
     finally:
         for group, params in zip(groups, all_params):
             group["params"] = params
         for p, grad in guarded:
             p.grad = grad
-        if after is not None:
-            after()
+        try:
+            by_rows.finish(stepped)
+        finally:
+            if after is not None:
+                after()
     return loss
 
 
@@ -92,6 +100,7 @@ def load_state(
         _rule.check_flags(group, len(group.get("params", [])), f"param group {i} of the state_dict")
     had_state = {id(p) for group in optimizer.param_groups for p in group["params"] if optimizer.state.get(p)}
     load(state_dict)
+    _rows.restore_counts(optimizer, state_dict)
     for group in optimizer.param_groups:
         _rule.fill_flags(group, optimizer.defaults)
         for p in group["params"]:
@@ -109,14 +118,15 @@ class LazyOptimizer(FreezeAPI):
     """Mixin turning a ``torch.optim`` class into its lazy safeopt twin.
 
     ``class Adam(LazyOptimizer, torch.optim.Adam)`` accepts every argument of
-    ``torch.optim.Adam`` (validated by torch) plus the keyword-only ``lazy``.
+    ``torch.optim.Adam`` (validated by torch) plus the keyword-only ``lazy``
+    (True, False or ``"rows"``).
     """
 
     param_groups: list[dict[str, Any]]
     defaults: dict[str, Any]
     state: Any
 
-    def __init__(self, params: Any, *args: Any, lazy: bool = True, **kwargs: Any) -> None:
+    def __init__(self, params: Any, *args: Any, lazy: bool | str = True, **kwargs: Any) -> None:
         _rule.check_lazy(lazy)
         super().__init__(params, *args, **kwargs)  # type: ignore[call-arg]
         self.defaults.update({_rule.LAZY: lazy, _rule.FROZEN: False})

@@ -2,13 +2,16 @@
 
 A parameter is *inactive* in a step when its group or the parameter itself is
 frozen, its grad is None, or (with ``lazy=True``) every element of its grad
-compares equal to zero. Everything here is a pure function of the param groups
-and the grads; nothing is modified.
+compares equal to zero. With ``lazy="rows"`` the rule applies to each row (slice
+along dim 0) of a parameter of two or more dimensions (``safeopt/_rows.py``).
+Everything here is a pure function of the param groups and the grads; nothing is
+modified.
 """
 
 from __future__ import annotations
 
 import ctypes
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -16,13 +19,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from safeopt._rows import ROWS, active_rows
+
 __all__ = ["FLAG_KEYS", "GroupPlan", "check_flags", "check_lazy", "fill_flags", "nonzero_flags", "plan_step"]
 
 #: Param-group keys safeopt adds. They travel in ``state_dict()`` like any other
 #: hyperparameter; torch ignores them, so the state_dict still loads into torch.
 FROZEN = "frozen"  # bool: the whole group is frozen
 FROZEN_PARAMS = "frozen_params"  # sorted positions in group["params"] frozen one by one
-LAZY = "lazy"  # bool: an all-zero grad makes a parameter inactive
+LAZY = "lazy"  # True, False or "rows": an all-zero grad (or grad row) makes a parameter (or row) inactive
 FLAG_KEYS = (FROZEN, FROZEN_PARAMS, LAZY)
 
 
@@ -31,6 +36,7 @@ class GroupPlan(NamedTuple):
 
     active: list[Tensor]  # stepped by torch, in group order
     idle_with_grad: list[Tensor]  # inactive although their grad is not None
+    rows: list[tuple[Tensor, Tensor]]  # lazy="rows": (parameter, its active rows) when only some rows are
 
 
 def _values(grad: Tensor) -> Tensor:
@@ -97,12 +103,52 @@ def _surely_nonzero(grad: Tensor) -> bool:
     return bool(read(grad.data_ptr()).value & mask)
 
 
+def _dtensor_type() -> type | None:
+    """torch's DTensor class once torch.distributed.tensor is imported (by whoever made one)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def _sharded_flags(grads: Sequence[Tensor], out: list[bool], positions: list[int]) -> None:
+    """The flags of DTensor grads, the same on every rank: each rank reads its own shard, then one
+    all-reduce (max) per mesh dimension per mesh combines them, batched over the grads.
+
+    A grad is nonzero when any rank's shard is. Partial placements (a pending sum) cannot be
+    decided from the shards, since they could cancel: those grads are reduced first.
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import Partial
+
+    by_mesh: dict[Any, list[int]] = defaultdict(list)
+    for i in positions:
+        grad: Any = grads[i]
+        if any(isinstance(placement, Partial) for placement in grad.placements):
+            out[i] = _has_nonzero(grad.full_tensor())  # collective too: every rank calls it
+        else:
+            by_mesh[grad.device_mesh].append(i)
+    for mesh, members in by_mesh.items():
+        local = [_has_nonzero_async(grads[i].to_local()) for i in members]  # type: ignore[attr-defined]
+        flags = torch.stack(local).to(torch.int32)
+        for dim in range(mesh.ndim):
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+        for i, flag in zip(members, flags.tolist()):
+            out[i] = bool(flag)
+
+
 def _full_flags(grads: Sequence[Tensor]) -> list[bool]:
-    """Whether each grad has a nonzero element, reading all of it; one host sync per accelerator."""
+    """Whether each grad has a nonzero element, reading all of it; one host sync per accelerator
+    (and, for DTensor grads, one all-reduce per mesh dimension)."""
     out = [False] * len(grads)
     by_device: dict[torch.device, list[int]] = defaultdict(list)
+    dtensor = _dtensor_type()
+    sharded: list[int] = []
     for i, grad in enumerate(grads):
-        by_device[grad.device].append(i)
+        if dtensor is not None and isinstance(grad, dtensor):
+            sharded.append(i)
+        else:
+            by_device[grad.device].append(i)
+    if sharded:
+        _sharded_flags(grads, out, sharded)
     for device, positions in by_device.items():
         if device.type == "cpu":
             for i in positions:
@@ -130,9 +176,10 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
     """
     result: list[GroupPlan] = []
     unsure: list[tuple[int, int, Tensor, Tensor]] = []  # (group, position, param, grad)
+    by_rows: list[tuple[int, Tensor, Tensor]] = []  # (group, param, grad)
     probe_of, strided = _PROBE.get, torch.strided
     for group in param_groups:
-        plan = GroupPlan([], [])
+        plan = GroupPlan([], [], [])
         result.append(plan)
         params = group["params"]
         if group[FROZEN]:
@@ -140,13 +187,17 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
             continue
         frozen_at = set(group[FROZEN_PARAMS])
         lazy = group[LAZY]
-        active, idle = plan
+        rows = lazy == ROWS
+        active, idle, _ = plan
         for position, p in enumerate(params):
             grad = p.grad
             if grad is None:
                 continue
             if frozen_at and position in frozen_at:
                 idle.append(p)
+                continue
+            if rows and grad.dim() > 1 and grad.layout is strided and type(grad) is Tensor:
+                by_rows.append((len(result) - 1, p, grad))
                 continue
             if lazy:  # _surely_nonzero, inlined: this line runs for every parameter every step
                 probe = probe_of(grad.dtype)
@@ -161,14 +212,24 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
                     unsure.append((len(result) - 1, position, p, grad))
                     continue
             active.append(p)
+    late: set[int] = set()
     if unsure:
-        late: set[int] = set()
         for (gi, _, p, _), flag in zip(unsure, _full_flags([u[3] for u in unsure])):
             if flag:
                 result[gi].active.append(p)
                 late.add(gi)
             else:
                 result[gi].idle_with_grad.append(p)
+    for gi, p, grad in by_rows:
+        rows_active = active_rows(grad)
+        if not rows_active.numel():
+            result[gi].idle_with_grad.append(p)
+        elif rows_active.numel() == grad.shape[0]:
+            result[gi].active.append(p)
+            late.add(gi)
+        else:
+            result[gi].rows.append((p, rows_active))
+    if late:
         for gi in late:  # keep group order, as torch would visit them
             order = {id(p): i for i, p in enumerate(param_groups[gi]["params"])}
             result[gi].active.sort(key=lambda p: order[id(p)])
@@ -183,8 +244,8 @@ def fill_flags(group: dict[str, Any], defaults: dict[str, Any]) -> None:
 
 
 def check_lazy(value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"Invalid lazy value: {value!r}; expected True or False")
+    if not isinstance(value, bool) and value != ROWS:
+        raise ValueError(f'Invalid lazy value: {value!r}; expected True, False or "rows"')
 
 
 def check_flags(group: dict[str, Any], n_params: int | None, where: str) -> None:

@@ -144,13 +144,6 @@ def test_fsdp2_all_zero_gradient_is_skipped_on_every_rank(fsdp_runs: list[dict[s
             )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="safeopt decides per rank on its local shard: an FSDP2 DTensor grad's aminmax is a "
-    "Partial placement and bool() reads the local value, so rank 1, whose shard of the embedding "
-    "gradient is all zero, skips a parameter that rank 0 steps (safeopt/_rule.py _full_flags needs "
-    "one all-reduce of the flags per device mesh)",
-)
 def test_fsdp2_decision_is_the_same_on_every_rank(fsdp_runs: list[dict[str, Any]]) -> None:
     """Only rows 0-3 of the embedding are used, all on rank 0's shard: the parameter as a whole
     has a nonzero gradient, so every rank must step its shard (step counts agree) exactly as torch."""
@@ -176,6 +169,20 @@ def test_fsdp2_with_lazy_false_and_explicit_freezes_agrees_on_every_rank(
             for name in ["ghost.weight", "ghost.bias"]:
                 assert torch.equal(mine["params"][name], run["lazy_false"][0]["params"][name]), (rank, name)
         assert steps_of(run["lazy_false"][-1], "emb.weight") == 3
+
+
+def test_dtensor_zero_check_is_collective(tmp_path: Path) -> None:
+    """The zero check of a DTensor grad reads every rank's shard: the same answer on every rank,
+    nonzero when any shard is, and a pending sum (Partial) decided on its sum, not its parts."""
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        from dist_worker import FLAG_CASES
+    finally:
+        sys.path.remove(str(WORKER.parent))
+    expected = {name: flag for name, (_, _, flag) in FLAG_CASES.items()}
+    for rank, result in enumerate(launch("flags", tmp_path)):
+        assert result["flags"] == expected, rank
+        assert result["mixed"] == [False, True, True, False], rank
 
 
 # --- DDP: each rank its own branch ------------------------------------------------------------------

@@ -168,11 +168,11 @@ def test_partly_held_iterable_changes_nothing() -> None:
 
 
 def test_lazy_must_be_a_bool() -> None:
-    with pytest.raises(ValueError, match="Invalid lazy value: 'yes'; expected True or False"):
+    with pytest.raises(ValueError, match="Invalid lazy value: 'yes'; expected True, False or \"rows\""):
         safeopt.Adam([nn.Parameter(torch.zeros(1))], lazy="yes")
     model, opt = make()
     n = len(opt.param_groups)
-    with pytest.raises(ValueError, match="Invalid lazy value: 1"):
+    with pytest.raises(ValueError, match="Invalid lazy value: 1; expected True, False or \"rows\""):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lazy": 1})
     with pytest.raises(ValueError, match="Invalid frozen value"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "frozen": "no"})

@@ -14,6 +14,8 @@ Scenarios:
   dcp_first    FSDP2 + safeopt.AdamW: six steps uninterrupted (saved), then a fresh run of
                three steps saved with torch.distributed.checkpoint through get_state_dict.
   dcp_resume   New processes: a fresh model and optimizer, dcp.load + set_state_dict, steps 3-5.
+  flags        The zero check on DTensor grads of every placement, straight from safeopt._rule:
+               nonzero in one rank's shard only, zero everywhere, pending sums that cancel.
 """
 
 from __future__ import annotations
@@ -203,6 +205,40 @@ def dcp_resume(rank: int, checkpoint: str) -> dict[str, Any]:
     return {"untouched": untouched, "loaded": loaded, "resumed": snapshot(model, opt)}
 
 
+# --- the zero check on DTensor grads -------------------------------------------------------------
+
+# name -> (placement, this rank's local values as a function of the rank), and the expected flag
+FLAG_CASES: dict[str, tuple[str, Any, bool]] = {
+    "shard, nonzero on rank 0 only": ("shard", lambda r: [1.0, 2.0] if r == 0 else [0.0, 0.0], True),
+    "shard, nonzero on rank 1 only": ("shard", lambda r: [0.0, -0.0] if r == 0 else [0.0, 3.0], True),
+    "shard, zero everywhere": ("shard", lambda r: [0.0, -0.0], False),
+    "shard, NaN on rank 1 only": ("shard", lambda r: [0.0, 0.0] if r == 0 else [float("nan"), 0.0], True),
+    "shard, empty on rank 1": ("shard", lambda r: [0.0, 5.0] if r == 0 else [], True),
+    "replicate, zero": ("replicate", lambda r: [-0.0, 0.0], False),
+    "replicate, nonzero": ("replicate", lambda r: [0.0, 1.0], True),
+    "partial sum that cancels": ("partial", lambda r: [1.0, -2.0] if r == 0 else [-1.0, 2.0], False),
+    "partial sum, nonzero": ("partial", lambda r: [1.0, 0.0] if r == 0 else [0.0, 0.0], True),
+}
+
+
+def flags(rank: int) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    from safeopt import _rule
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    placement = {"shard": Shard(0), "replicate": Replicate(), "partial": Partial()}
+    grads = []
+    for kind, values, _ in FLAG_CASES.values():
+        local_values = torch.tensor(values(rank), dtype=torch.float32)
+        grads.append(DTensor.from_local(local_values, mesh, [placement[kind]], run_check=False))
+    got = _rule.nonzero_flags(grads)
+    # Interleaved with plain tensors: the order of the answers is kept.
+    mixed = _rule.nonzero_flags([torch.zeros(2), grads[0], torch.ones(2), grads[2]])
+    return {"flags": dict(zip(FLAG_CASES, got)), "mixed": mixed}
+
+
 def main() -> None:
     scenario, out_dir = sys.argv[1], sys.argv[2]
     rank = int(os.environ["RANK"])
@@ -215,6 +251,8 @@ def main() -> None:
             result = ddp_split(rank)
         elif scenario == "dcp_first":
             result = dcp_first(rank, sys.argv[3])
+        elif scenario == "flags":
+            result = flags(rank)
         elif scenario == "dcp_resume":
             result = dcp_resume(rank, sys.argv[3])
         else:

@@ -1,0 +1,247 @@
+"""``lazy="rows"``: the rule applied to the rows (slices along dim 0) of a parameter.
+
+An embedding table looked up a few rows at a time, or grouped mixture-of-experts weights that
+keep every expert in one ``[E, ...]`` parameter, get a dense gradient whose rows are mostly zero.
+In a group with ``lazy="rows"``, a parameter of two or more dimensions takes part row by row:
+
+1. ``active_rows`` finds the rows of the grad with a nonzero element in one read of the grad.
+2. The active rows of the parameter, its grad and its per-element state are gathered into
+   compact tensors, one compact tensor per distinct row step count ("bucket").
+3. torch's own ``step()`` updates the buckets, each with its own ``step``, next to the group's
+   other active parameters: every row gets torch's update with the bias correction of the steps
+   *it* took part in. safeopt computes no update itself.
+4. The buckets are written back into the parameter and its state; nothing else is touched.
+
+Per-row counts live in the extra state key ``row_step`` (float32, one entry per row). It is
+created the first time a parameter's rows are not all active; until then every row has taken
+part in every step of the tensor, and torch's own step runs on the whole parameter unchanged.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from safeopt._torch_compat import allocate_state
+
+__all__ = ["ROWS", "ROW_STEP", "RowSteps", "active_rows", "check", "restore_counts"]
+
+ROWS = "rows"  # the value of a group's "lazy" key that selects row-level skipping
+ROW_STEP = "row_step"  # per-row step counts, next to torch's own state keys
+
+# A floating element is nonzero exactly when a bit other than its sign bit is set. On a
+# little-endian machine the sign bit is the top bit of an element's last byte.
+_SIGN_BYTE = 0x80
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_MAGNITUDE = {2: 0x7FFF, 4: 0x7FFF_FFFF, 8: 0x7FFF_FFFF_FFFF_FFFF}
+
+
+def _by_rows(grad: Tensor) -> Tensor:
+    """``grad`` as a real ``[rows, elements]`` tensor with unit stride along a row (a copy only
+    when the grad's rows are not laid out that way)."""
+    g = torch.view_as_real(grad) if grad.is_complex() else grad
+    flat = g.reshape(g.shape[0], -1)
+    return flat if flat.stride(1) == 1 else flat.contiguous()
+
+
+def _nonzero_rows(rows: Tensor) -> Tensor:
+    """Which rows of a real ``[n, k]`` tensor have an element with a bit other than the sign bit set."""
+    size = rows.element_size()
+    if size not in _INT_OF_SIZE:
+        return rows.ne(0).any(1)
+    return rows.view(_INT_OF_SIZE[size]).bitwise_and(_MAGNITUDE[size]).ne(0).any(1)
+
+
+def active_rows(grad: Tensor) -> Tensor:
+    """Ascending int64 indices of the rows of ``grad`` (slices along dim 0) with a nonzero element.
+
+    An element is nonzero when a bit other than its sign bit is set: ``-0.0`` is zero; NaN, inf
+    and subnormals are not (whatever ``torch.set_flush_denormal`` says). The grad is read once:
+    the largest *byte* of each row (``amax`` over a ``uint8`` view, one pass at memory speed, no
+    temporary the size of the grad). A row whose largest byte is 0 is all ``+0.0``; one whose
+    largest byte is neither 0 nor 0x80 has a nonzero element. Only rows whose largest byte is
+    0x80 (``-0.0``, or rarer mantissa bytes) are looked at again, element by element.
+    """
+    if not grad.numel():
+        return torch.zeros(0, dtype=torch.long, device=grad.device)
+    flat = _by_rows(grad)
+    if sys.byteorder != "little":
+        return _nonzero_rows(flat).nonzero().squeeze(1)
+    top = flat.view(torch.uint8).amax(1)
+    candidates = top.nonzero().squeeze(1)
+    unsure = top.index_select(0, candidates) == _SIGN_BYTE
+    if not bool(unsure.any()):
+        return candidates
+    keep = ~unsure
+    keep[unsure] = _nonzero_rows(flat.index_select(0, candidates[unsure]))
+    return candidates[keep]
+
+
+def check(optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]], *, twin: bool) -> None:
+    """Raise ValueError, before anything changes, where ``lazy="rows"`` cannot be kept."""
+    for i, group in enumerate(groups):
+        if group.get("lazy") != ROWS:
+            continue
+        if not twin or not isinstance(optimizer, (torch.optim.Adam, torch.optim.SGD)):
+            raise ValueError(
+                f'lazy="rows" (param group {i}) is supported by safeopt.Adam, safeopt.AdamW and '
+                f"safeopt.SGD only, not through wrap(): use safeopt.Adam(params, ..., lazy=\"rows\") "
+                f"instead of wrap(torch.optim.Adam(params, ...)), or lazy=True"
+            )
+        if group.get("differentiable"):
+            raise ValueError(
+                f'lazy="rows" does not support differentiable=True (param group {i}): active rows '
+                "are written back outside autograd; use lazy=True"
+            )
+
+
+class _Job(NamedTuple):
+    """One parameter stepped by rows in this step."""
+
+    param: Tensor
+    rows: Tensor  # the active rows, ordered by bucket
+    counts: Tensor | None  # their row_step before the step, same order; None: SGD without momentum
+    keys: list[str]  # per-element state keys gathered along with the parameter
+    compact: dict[str, Tensor]  # "" -> the compact parameter; key -> the compact state
+    buckets: list[tuple[float, int]]  # (the rows' step count, how many rows)
+    shadows: list[Tensor]  # the compact parameter of each bucket: a view of compact[""]
+
+
+class RowSteps:
+    """The row path of one step: ``prepare`` puts the buckets into the optimizer, ``finish`` takes them out."""
+
+    def __init__(self) -> None:
+        self.jobs: list[_Job] = []
+        self._state: Any = None
+
+    def prepare(self, optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]], plans: Sequence[Any]) -> list[list[Tensor]]:
+        """Gather the active rows of every row-stepped parameter; return each group's buckets.
+
+        A parameter whose rows are all active goes through torch's step whole, unless its rows
+        already have different step counts (``row_step``): then it is stepped by rows as well.
+        """
+        self._state = optimizer.state
+        out: list[list[Tensor]] = []
+        try:
+            with torch.no_grad():
+                for group, plan in zip(groups, plans):
+                    shadows: list[Tensor] = []
+                    out.append(shadows)
+                    if group.get("lazy") != ROWS:
+                        continue
+                    whole = [p for p in plan.active if p.dim() > 1 and ROW_STEP in optimizer.state.get(p, ())]
+                    if whole:
+                        ids = {id(p) for p in whole}
+                        plan.active[:] = [p for p in plan.active if id(p) not in ids]
+                        plan.rows.extend((p, torch.arange(p.shape[0], device=p.device)) for p in whole)
+                    for p, rows in plan.rows:
+                        job, shadow_states = self._prepare(optimizer, group, p, rows)
+                        self.jobs.append(job)
+                        for shadow, shadow_state in zip(job.shadows, shadow_states):
+                            optimizer.state[shadow] = shadow_state
+                        shadows.extend(job.shadows)
+        except BaseException:
+            self.finish(stepped=False)
+            raise
+        return out
+
+    def _prepare(
+        self, optimizer: torch.optim.Optimizer, group: dict[str, Any], p: Tensor, rows: Tensor
+    ) -> tuple[_Job, list[dict[str, Tensor]]]:
+        if not optimizer.state.get(p):
+            allocate_state(optimizer, group, [p])  # Adam: zero moments, step 0, as torch makes them
+        state = optimizer.state[p]
+        sgd = isinstance(optimizer, torch.optim.SGD)
+        counts: Tensor | None = None
+        if not sgd or group["momentum"] != 0:
+            counts = state.get(ROW_STEP)
+            if counts is None:
+                # Until now every row took part in every step of the tensor. SGD keeps no step
+                # count: there only "started" (a momentum buffer exists) matters, counted as 1.
+                start = float(state["step"]) if not sgd else float("momentum_buffer" in state)
+                counts = state[ROW_STEP] = torch.full((p.shape[0],), start, dtype=torch.float32, device=p.device)
+            if sgd and "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            counts = counts.index_select(0, rows)
+            key = counts.clamp(max=1) if sgd else counts  # SGD: first step or not
+            lo, hi = torch.stack(torch.aminmax(key)).tolist()
+            if lo != hi:
+                key, order = torch.sort(key, stable=True)
+                rows, counts = rows.index_select(0, order), counts.index_select(0, order)
+                values, sizes = torch.unique_consecutive(key, return_counts=True)
+                buckets = list(zip(values.tolist(), sizes.tolist()))
+            else:
+                buckets = [(lo, rows.numel())]
+        else:
+            buckets = [(0.0, rows.numel())]
+
+        keys = [k for k, v in state.items() if k != ROW_STEP and isinstance(v, Tensor) and v.shape == p.shape]
+        compact = {"": p.index_select(0, rows)}
+        compact.update((k, state[k].index_select(0, rows)) for k in keys)
+        sizes = [n for _, n in buckets]
+        shadows = list(compact[""].split(sizes))
+        parts = {k: compact[k].split(sizes) for k in keys}
+        shadow_states: list[dict[str, Tensor]] = []
+        for b, (grad, (count, _)) in enumerate(zip(p.grad.index_select(0, rows).split(sizes), buckets)):  # type: ignore[union-attr]
+            shadows[b].grad = grad
+            shadow_state = {}
+            if "step" in state:
+                shadow_state["step"] = torch.full_like(state["step"], count)
+            if not (sgd and count == 0):  # a row's first SGD step makes its buffer from its grad
+                shadow_state.update((k, parts[k][b]) for k in keys)
+            shadow_states.append(shadow_state)
+        return _Job(p, rows, counts, keys, compact, buckets, shadows), shadow_states
+
+    def finish(self, stepped: bool) -> None:
+        """Write the stepped rows back (when the step returned) and take the buckets out of the state."""
+        state = self._state
+        try:
+            if stepped:
+                with torch.no_grad():
+                    for job in self.jobs:
+                        self._write_back(job)
+        finally:
+            for job in self.jobs:
+                for shadow in job.shadows:
+                    state.pop(shadow, None)
+                    shadow.grad = None
+            self.jobs = []
+
+    def _write_back(self, job: _Job) -> None:
+        state = self._state[job.param]
+        first = self._state[job.shadows[0]]
+        sizes = [n for _, n in job.buckets]
+        for key in job.keys:
+            # torch replaces a missing SGD momentum buffer by a new tensor: copy it into place.
+            for part, shadow in zip(job.compact[key].split(sizes), job.shadows):
+                made = self._state[shadow].get(key)
+                if made is not None and made is not part:
+                    part.copy_(made)
+            state[key].index_copy_(0, job.rows, job.compact[key])
+        job.param.index_copy_(0, job.rows, job.compact[""])
+        if job.counts is None:
+            return
+        if "step" in first:
+            # torch's step advanced each bucket's step by one (by none where a fused kernel found
+            # an inf under GradScaler); the tensor's step counts steps with any row active.
+            advanced = first["step"] - job.buckets[0][0]
+            state["step"].add_(advanced)
+            advanced = advanced.to(job.counts.device, torch.float32)
+        else:
+            advanced = 1
+        state[ROW_STEP].index_copy_(0, job.rows, job.counts + advanced)
+
+
+def restore_counts(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    """Undo torch's load casting ``row_step`` to the parameter's dtype (a bfloat16 count stops at 256)."""
+    saved_ids = [i for group in state_dict.get("param_groups", []) for i in group.get("params", [])]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_state = state_dict.get("state", {})
+    for saved_id, p in zip(saved_ids, params):
+        saved = saved_state.get(saved_id)
+        if saved and ROW_STEP in saved and ROW_STEP in optimizer.state.get(p, ()):
+            optimizer.state[p][ROW_STEP] = saved[ROW_STEP].to(dtype=torch.float32, device=p.device)

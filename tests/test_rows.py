@@ -1,0 +1,489 @@
+"""lazy="rows": the rule per row (slice along dim 0) of a parameter of two or more dimensions.
+
+What is checked, after every step:
+
+- grads are never replaced or changed;
+- inactive rows: the parameter row and every state row (moments, momentum buffer, row_step)
+  bit-identical;
+- active rows: torch's update of that row stepped alone (a torch optimizer over a one-row
+  parameter, its state being the row's state before the step, with the row's own step count),
+  within float rounding (``assert_rounding_close``);
+- parameters of fewer than two dimensions, and parameters whose rows were always all active or
+  all idle: bit-identical to ``lazy=True``;
+- step counts: ``row_step`` per row and torch's ``step`` (steps with any row active);
+- state_dict round trips into safeopt and loads into torch.
+
+Also: the row check itself, SparseAdam where its semantics agree, and the errors.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import cases
+import harness
+import safeopt
+from safeopt._rows import ROW_STEP, active_rows
+
+# -- the row check -------------------------------------------------------------------------------
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64]
+
+
+def _from_bits(bits: int, dtype: torch.dtype) -> Tensor:
+    """One element of ``dtype`` (real) with the given bit pattern."""
+    real = dtype.to_real() if dtype.is_complex else dtype
+    size = torch.empty((), dtype=real).element_size()
+    signed = bits - (1 << (8 * size)) if bits >> (8 * size - 1) else bits
+    return torch.tensor([signed], dtype={2: torch.int16, 4: torch.int32, 8: torch.int64}[size]).view(real)
+
+
+def expected_rows(grad: Tensor) -> list[int]:
+    """Rows with an element that compares unequal to zero, written independently of safeopt."""
+    return [r for r in range(grad.shape[0]) if harness.expected_active(grad[r].flatten(), frozen=False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_active_rows_finds_exactly_the_rows_with_a_nonzero_element(dtype: torch.dtype) -> None:
+    real = dtype.to_real() if dtype.is_complex else dtype
+    tiny = torch.finfo(real).smallest_normal / 4
+    rows = {
+        "+0": [0.0, 0.0, 0.0],
+        "-0": [-0.0, -0.0, -0.0],
+        "+0 and -0": [0.0, -0.0, 0.0],
+        "one": [0.0, 1.0, 0.0],
+        "negative only": [-0.0, -2.0, 0.0],
+        "subnormal": [0.0, 0.0, tiny],
+        "-subnormal and -0": [-0.0, -tiny, -0.0],
+        "nan": [0.0, float("nan"), 0.0],
+        "inf": [float("inf"), 0.0, 0.0],
+        "-inf": [-0.0, 0.0, float("-inf")],
+    }
+    grad = torch.tensor(list(rows.values()), dtype=dtype)
+    # A nonzero element whose largest byte is the sign byte of -0.0 (0x80): rows whose largest
+    # byte is 0x80 are the ones the fast check cannot settle.
+    odd = torch.zeros(2, 3, dtype=real)
+    odd[0, 0] = _from_bits(0x80, real)  # a subnormal, bytes 0x80 0x00 ...
+    odd[0, 1] = -0.0
+    odd[1, 0] = -0.0
+    odd[1, 2] = -_from_bits(0x80, real)  # bytes 0x80 0x00 ... 0x80
+    if dtype.is_complex:
+        odd = odd.to(dtype)
+    grad = torch.cat([grad, odd, torch.full((1, 3), -0.0, dtype=dtype)])
+    assert odd.view(torch.uint8).amax().item() == 0x80  # the fast check cannot settle these rows
+    got = active_rows(grad).tolist()
+    assert got == expected_rows(grad), (got, list(rows) + ["0x80 byte", "0x80 byte", "-0"])
+    assert got == [3, 4, 5, 6, 7, 8, 9, 10, 11]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: g,
+        lambda g: g.t().contiguous().t(),  # rows not contiguous
+        lambda g: g[:, ::2],  # not even dense
+        lambda g: g.reshape(g.shape[0], 2, -1),  # three dimensions
+        lambda g: g.reshape(g.shape[0], 2, -1).transpose(1, 2),
+        lambda g: g[:0],
+        lambda g: g[:, :0],
+    ],
+    ids=["contiguous", "transposed", "strided", "3-d", "3-d transposed", "no rows", "empty rows"],
+)
+def test_active_rows_any_layout(make: Any) -> None:
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(9, 8, generator=gen)
+    base[torch.rand(9, generator=gen) < 0.6] = 0
+    base[2] = -0.0
+    grad = make(base)
+    assert active_rows(grad).tolist() == expected_rows(grad)
+
+
+# -- the reference: torch stepping one row alone ------------------------------------------------
+
+
+def assert_rounding_close(
+    actual: Tensor, expected: Tensor, before: Tensor, what: str, nan_either: Tensor | None = None
+) -> None:
+    """``actual`` equals ``expected`` up to float rounding, elementwise (NaN where it is NaN).
+
+    The row path runs torch's own kernel on compact rows; the reference runs it on one row. A
+    kernel may take a different code path at different positions (a vectorised body or a scalar
+    tail, the one contracting ``a * b + c`` into an FMA, or rounding an intermediate to bfloat16,
+    and the other not): a different rounding of one intermediate, worth at most an ulp of the
+    largest value in the update. Every update here is ``new = old + u`` with ``|u| <= |old| +
+    |new|``, so the bound ``4 * eps * (|old| + |new|)`` covers that with a margin of 4 (the largest
+    difference measured on this project's machines: 1.1). A wrong step count changes a float32
+    update by about 10% of ``u``: ``test_the_tolerance_sees_a_wrong_step_count``.
+
+    ``nan_either`` marks elements where torch itself gives NaN at some positions of a tensor and a
+    number at others: there ``actual`` may be NaN or torch's number.
+    """
+    a, e, b = (torch.view_as_real(t) if t.is_complex() else t for t in (actual, expected, before))
+    assert a.shape == e.shape, what
+    eps = torch.finfo(a.dtype).eps
+    a, e, b = a.double(), e.double(), b.double()
+    either = torch.zeros_like(a, dtype=torch.bool) if nan_either is None else nan_either.expand_as(a)
+    nan_ok = torch.eq(a.isnan(), e.isnan()) | (either & a.isnan())
+    assert bool(nan_ok.all()), f"{what}: NaN where torch has none, or the reverse"
+    tol = 4 * eps * (b.abs() + e.abs())
+    ok = (a == e) | ((a - e).abs() <= tol) | e.isnan() | (either & a.isnan())
+    assert bool(ok.all()), f"{what}: {a[~ok].tolist()} != torch's {e[~ok].tolist()} (before {b[~ok].tolist()})"
+
+
+def step_row_alone(
+    torch_cls: type, kwargs: dict[str, Any], row: Tensor, grad: Tensor, state: dict[str, Tensor], count: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """torch's update of one row (``[1, ...]``) with the row's state and its own step count."""
+    q = row.clone()
+    ref = torch_cls([q], **kwargs)
+    sgd = torch_cls is torch.optim.SGD
+    if sgd:
+        if count > 0 and "momentum_buffer" in state:
+            ref.state[q]["momentum_buffer"] = state["momentum_buffer"].clone()
+    else:
+        ref.state[q].update({k: v.clone() for k, v in state.items() if k != "step"})
+        ref.state[q]["step"] = torch.full_like(state["step"], count)
+    q.grad = grad.clone()
+    ref.step()
+    return q, ref.state[q]
+
+
+# -- the property test -----------------------------------------------------------------------------
+
+CONFIGS: list[tuple[type, dict[str, Any]]] = [
+    (torch.optim.Adam, {}),
+    (torch.optim.Adam, {"amsgrad": True, "weight_decay": 0.1}),
+    (torch.optim.Adam, {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}),
+    (torch.optim.AdamW, {"amsgrad": True, "maximize": True}),
+    (torch.optim.SGD, {}),
+    (torch.optim.SGD, {"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.1}),
+    (torch.optim.SGD, {"momentum": 0.9, "nesterov": True, "maximize": True}),
+]
+IMPLS = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+PROPERTY_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.complex64)
+# (shape of the base tensor, transposed?): rows of 2-d and 3-d parameters, a transposed one,
+# width-1 rows (grouped biases), and what follows the tensor rule (1-d, 0-d) or has no rows.
+PARAM_SHAPES = (((5, 3), False), ((4, 2, 2), False), ((3, 5), True), ((6, 1), False), ((3,), False), ((), False),
+                ((0, 3), False), ((3, 0), False))
+ROW_KINDS = ("zero", "negzero", "dense", "dense", "subnormal", "nan")
+
+
+def _supported(torch_cls: type, kwargs: dict[str, Any], impl: str, dtype: torch.dtype) -> bool:
+    if impl == "fused" and dtype.is_complex:
+        return False  # torch's fused kernels take floating dtypes only
+    # torch 2.13's CPU fused SGD updates only the tail of a bfloat16 or float16 tensor (the
+    # vectorised body is left as it was), so a row's update depends on where it sits in the tensor.
+    return not (torch_cls is torch.optim.SGD and impl == "fused" and dtype in (torch.bfloat16, torch.float16))
+
+
+def _row_grad(shape: tuple[int, ...], dtype: torch.dtype, kinds: list[str], gen: torch.Generator) -> Tensor:
+    grad = torch.zeros(shape, dtype=dtype)
+    real = dtype.to_real() if dtype.is_complex else dtype
+    for r, kind in enumerate(kinds):
+        row = grad[r]
+        if kind == "negzero":
+            row.fill_(-0.0)
+        elif kind in ("dense", "nan"):
+            row.copy_(torch.randn(row.shape, generator=gen, dtype=torch.float64).to(dtype))
+            if kind == "nan" and row.numel():
+                row.view(-1)[0] = float("nan")
+        elif kind == "subnormal" and row.numel():
+            row.view(-1)[-1] = torch.finfo(real).smallest_normal / 4
+    return grad
+
+
+def _roundtrip(state_dict: dict[str, Any]) -> dict[str, Any]:
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@settings(parent=settings.default)
+@given(data=st.data())
+def test_rows_property(data: Any) -> None:
+    torch_cls, kwargs = data.draw(st.sampled_from(CONFIGS), label="config")
+    impl = data.draw(st.sampled_from(sorted(IMPLS)), label="impl")
+    dtype = data.draw(st.sampled_from(PROPERTY_DTYPES), label="dtype")
+    if not _supported(torch_cls, kwargs, impl, dtype):
+        impl = "forloop"
+    kwargs = {"lr": 0.05, **kwargs, **IMPLS[impl]}
+    twin = cases.TWINS[torch_cls]
+    sgd = torch_cls is torch.optim.SGD
+    counted = not sgd or kwargs.get("momentum", 0) != 0  # SGD without momentum keeps no state at all
+    recipes = data.draw(st.lists(st.sampled_from(PARAM_SHAPES), min_size=1, max_size=4), label="params")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    gen = torch.Generator().manual_seed(seed)
+
+    def build() -> list[nn.Parameter]:
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for shape, transposed in recipes:
+            value = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+            out.append(nn.Parameter(value.t() if transposed else value))
+        return out
+
+    params, twin_params = build(), build()
+    opt = twin(params, **kwargs, lazy="rows")
+    lazy_opt = twin(twin_params, **kwargs, lazy=True)  # the same run under the tensor rule
+    n_rows = [p.shape[0] if p.dim() > 1 else 0 for p in params]
+    counts = [[0] * n for n in n_rows]  # the model of the per-row counts
+    tensor_steps = [0] * len(params)  # steps with any row active
+    uniform = [True] * len(params)  # every step so far: all rows active or none
+
+    for step in range(data.draw(st.integers(1, 6), label="steps")):
+        frozen = data.draw(st.lists(st.booleans(), min_size=len(params), max_size=len(params)), label="frozen")
+        grads: list[Tensor | None] = []
+        for p, n in zip(params, n_rows):
+            kind = data.draw(st.sampled_from(("none", "rows", "rows", "all dense")), label="grad")
+            if kind == "none":
+                grads.append(None)
+            elif p.dim() < 2 or kind == "all dense":
+                grads.append(harness.make_grad(torch.empty(p.shape, dtype=dtype), "dense" if kind == "all dense" else data.draw(st.sampled_from(("zero", "dense")), label="kind"), gen))
+            else:
+                kinds = data.draw(st.lists(st.sampled_from(ROW_KINDS), min_size=n, max_size=n), label="row kinds")
+                grads.append(_row_grad(tuple(p.shape), dtype, kinds, gen))
+        # Grads laid out like their parameters, as autograd makes them: torch 2.13's CPU fused
+        # Adam mixes up elements when a grad's strides differ from its parameter's.
+        grads = [None if g is None else torch.empty_like(p.detach()).copy_(g) for p, g in zip(params, grads)]
+        for i, (p, q) in enumerate(zip(params, twin_params)):
+            p.grad, q.grad = grads[i], None if grads[i] is None else grads[i].clone()
+            for o, t in ((opt, p), (lazy_opt, q)):
+                if frozen[i] != o.is_frozen(t):
+                    (o.freeze if frozen[i] else o.unfreeze)(t)
+        note(f"step {step}: frozen {frozen}, grads {[None if g is None else g.tolist() for g in grads]}")
+        before = harness.snapshot(opt, params)
+        opt.step()
+        lazy_opt.step()
+
+        what = f"{torch_cls.__name__} {impl} {dtype} step {step}"
+        for i, (p, grad) in enumerate(zip(params, grads)):
+            assert p.grad is grad and (grad is None or harness.bit_equal(grad, before[i][1])), f"{what}: grad {i}"
+            if p.dim() < 2:
+                continue
+            rows = [] if frozen[i] or grad is None else expected_rows(grad)
+            old_value, _, old_state = before[i]
+            state = opt.state.get(p, {})
+            idle = [r for r in range(n_rows[i]) if r not in rows]
+            for r in idle:
+                assert harness.bit_equal(p.detach()[r], old_value[r]), f"{what}: idle row {r} of param {i} moved"
+                for key, value in old_state.items():
+                    if key == ROW_STEP or (isinstance(value, Tensor) and value.shape == p.shape):
+                        assert harness.bit_equal(state[key][r], value[r]), f"{what}: state[{key!r}] row {r}"
+            if rows and len(rows) < n_rows[i]:
+                uniform[i] = False
+            for r in rows:
+                row_state = {k: (v[r : r + 1] if v.shape == p.shape else v) for k, v in old_state.items()
+                             if isinstance(v, Tensor) and k != ROW_STEP}
+                if not sgd and "step" not in row_state:  # first step: torch's fresh state
+                    row_state = {"step": torch.zeros_like(state["step"]),
+                                 **{k: torch.zeros_like(v[r : r + 1]) for k, v in state.items() if k not in ("step", ROW_STEP)}}
+                value, ref_state = step_row_alone(torch_cls, kwargs, old_value[r : r + 1], grad[r : r + 1], row_state, counts[i][r])
+                assert_rounding_close(p.detach()[r : r + 1], value, old_value[r : r + 1], f"{what}: param {i} row {r}")
+                for key, ref_value in ref_state.items():
+                    if key != "step":
+                        old = row_state.get(key, torch.zeros_like(ref_value))
+                        either = None
+                        if key == "max_exp_avg_sq" and impl == "fused":
+                            # torch's fused amsgrad max keeps a NaN of exp_avg_sq in its vectorised
+                            # body and drops it in its scalar tail: NaN or not depends on position.
+                            either = state["exp_avg_sq"][r : r + 1].isnan()
+                        assert_rounding_close(
+                            state[key][r : r + 1], ref_value, old, f"{what}: param {i} {key} row {r}", either
+                        )
+                counts[i][r] += 1
+            if rows:
+                tensor_steps[i] += 1
+            if not sgd and state:
+                assert float(state["step"]) == tensor_steps[i], f"{what}: param {i} step"
+            if ROW_STEP in state:
+                assert state[ROW_STEP].dtype == torch.float32 and state[ROW_STEP].shape == (n_rows[i],)
+                if sgd:  # SGD keeps no step count: only "started" matters
+                    assert (state[ROW_STEP] > 0).tolist() == [c > 0 for c in counts[i]], f"{what}: row_step {i}"
+                else:
+                    assert state[ROW_STEP].tolist() == counts[i], f"{what}: row_step of param {i}"
+            elif counted:
+                assert uniform[i], f"{what}: param {i} had a partial step but has no row_step"
+        for i, (p, q) in enumerate(zip(params, twin_params)):
+            if uniform[i]:  # never a partial step: exactly lazy=True
+                assert harness.bit_equal(p.detach(), q.detach()), f"{what}: param {i} differs from lazy=True"
+                harness.assert_state_equal(opt.state.get(p, {}), lazy_opt.state.get(q, {}), f"{what}: param {i}")
+
+        if data.draw(st.booleans(), label="checkpoint"):
+            saved = _roundtrip(opt.state_dict())
+            torch_cls(build(), **kwargs).load_state_dict(saved)  # loads into torch
+            opt = twin(params, **kwargs, lazy=True)  # the group's "lazy" comes from the checkpoint
+            opt.load_state_dict(saved)
+            assert all(g["lazy"] == "rows" for g in opt.param_groups)
+            for p in params:
+                if ROW_STEP in opt.state.get(p, {}):
+                    assert opt.state[p][ROW_STEP].dtype == torch.float32
+            lazy_state = _roundtrip(lazy_opt.state_dict())
+            lazy_opt = twin(twin_params, **kwargs)
+            lazy_opt.load_state_dict(lazy_state)
+
+
+def test_the_tolerance_sees_a_wrong_step_count() -> None:
+    """assert_rounding_close fails when a row is stepped with its neighbour's count (one more)."""
+    gen = torch.Generator().manual_seed(0)
+    row, grad = torch.randn(1, 8, generator=gen), torch.randn(1, 8, generator=gen)
+    state = {"step": torch.tensor(5.0), "exp_avg": torch.randn(1, 8, generator=gen) * 0.1,
+             "exp_avg_sq": torch.rand(1, 8, generator=gen) * 0.01}
+    right, _ = step_row_alone(torch.optim.Adam, {"lr": 0.05}, row, grad, state, 5)
+    wrong, _ = step_row_alone(torch.optim.Adam, {"lr": 0.05}, row, grad, state, 6)
+    assert_rounding_close(right, right.clone(), row, "same")
+    with pytest.raises(AssertionError, match="!= torch's"):
+        assert_rounding_close(wrong, right, row, "off by one")
+
+
+# -- fixed scenarios ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [c for c in cases.cases(twins_only=True) if c.impl != "differentiable"], ids=lambda c: c.id)
+def test_every_row_active_is_lazy_true_bit_for_bit(case: cases.Case) -> None:
+    """Every optim_db configuration of the twins: with all rows active every step, rows is lazy=True."""
+    shapes = [(4, 3), (2, 3, 2), (5,), ()]
+    params, ref_params = harness.make_params(shapes), harness.make_params(shapes)
+    opt, ref = case.make_safe(params, lazy="rows"), case.make_safe(ref_params, lazy=True)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for p, q in zip(params, ref_params):
+            p.grad = harness.make_grad(p, "dense", gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for i, (p, q) in enumerate(zip(params, ref_params)):
+        assert harness.bit_equal(p.detach(), q.detach()), f"{case.id}: param {i}"
+        harness.assert_state_equal(opt.state[p], ref.state[q], f"{case.id}: param {i}")
+
+
+def test_sgd_row_momentum_starts_at_each_rows_first_step() -> None:
+    """A row's first active step makes its buffer from its grad, as torch's first step does
+    (with dampening, buf = grad, not (1 - dampening) * grad), also when other rows started earlier."""
+    w = nn.Parameter(torch.zeros(3, 2))
+    opt = safeopt.SGD([w], lr=1.0, momentum=0.5, dampening=0.5, lazy="rows")
+    w.grad = torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
+    opt.step()
+    w.grad = torch.tensor([[2.0, 2.0], [4.0, 4.0], [0.0, 0.0]])
+    opt.step()
+    buf = opt.state[w]["momentum_buffer"]
+    assert buf.tolist() == [[0.5 * 1 + 0.5 * 2] * 2, [4.0, 4.0], [0.0, 0.0]]
+    assert w.tolist() == [[-1.0 - 1.5] * 2, [-4.0, -4.0], [0.0, 0.0]]
+    assert opt.state[w][ROW_STEP].tolist() == [2.0, 1.0, 0.0]
+
+
+def test_adam_rows_get_their_own_bias_correction() -> None:
+    """Row 1 joins at step 3: its first update is torch's first Adam step (lr times the sign)."""
+    w = nn.Parameter(torch.zeros(2, 1))
+    opt = safeopt.Adam([w], lr=0.1, lazy="rows")
+    for _ in range(2):
+        w.grad = torch.tensor([[1.0], [0.0]])
+        opt.step()
+    w.grad = torch.tensor([[1.0], [-3.0]])
+    opt.step()
+    assert w[1].item() == pytest.approx(0.1, rel=1e-6)
+    assert opt.state[w]["step"].item() == 3 and opt.state[w][ROW_STEP].tolist() == [3.0, 1.0]
+
+
+def test_sparse_grads_and_small_params_follow_the_tensor_rule() -> None:
+    """1-d and 0-d parameters, and sparse grads (SGD takes them), are decided per tensor."""
+    emb, bias = nn.Parameter(torch.ones(4, 2)), nn.Parameter(torch.ones(3))
+    opt = safeopt.SGD([emb, bias], lr=0.1, lazy="rows")
+    emb.grad = torch.sparse_coo_tensor([[1]], [[1.0, 1.0]], (4, 2), check_invariants=True)
+    bias.grad = torch.tensor([0.0, 1.0, 0.0])
+    opt.step()
+    assert emb[1].tolist() == torch.full((2,), 0.9).tolist() and emb[0].tolist() == [1.0, 1.0]
+    assert bias.tolist() == torch.tensor([1.0, 0.9, 1.0]).tolist()  # the whole tensor was active
+
+
+def test_state_dict_loads_into_torch_and_torch_continues() -> None:
+    w = nn.Parameter(torch.randn(4, 3, dtype=torch.bfloat16))
+    opt = safeopt.Adam([w], lr=0.1, lazy="rows")
+    for rows in ([0], [0, 1], [3]):
+        w.grad = torch.zeros_like(w)
+        w.grad[rows] = 1
+        opt.step()
+    saved = _roundtrip(opt.state_dict())
+    assert saved["state"][0][ROW_STEP].dtype == torch.float32
+    q = nn.Parameter(w.detach().clone())
+    ref = torch.optim.Adam([q], lr=0.1)
+    ref.load_state_dict(saved)
+    assert float(ref.state[q]["step"]) == 3  # steps in which any row took part
+    q.grad = torch.ones_like(q)
+    ref.step()  # torch ignores row_step and steps every row with its own count
+    assert float(ref.state[q]["step"]) == 4
+    again = safeopt.Adam([w], lr=0.1)
+    again.load_state_dict(saved)
+    assert again.state[w][ROW_STEP].dtype == torch.float32  # torch's load made it bfloat16
+    assert again.state[w][ROW_STEP].tolist() == [2.0, 1.0, 0.0, 1.0]
+
+
+def test_rows_is_refused_through_wrap_and_with_differentiable() -> None:
+    w = nn.Parameter(torch.ones(2, 2))
+    w.grad = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    for opt, message in [
+        (safeopt.wrap(torch.optim.Adam([w]), lazy="rows"), 'lazy="rows" \\(param group 0\\) is supported by'),
+        (safeopt.wrap(torch.optim.RMSprop([{"params": [w], "lazy": "rows"}])), "use safeopt.Adam"),
+        (safeopt.SGD([nn.Parameter(torch.ones(2, 2))], lr=0.1, differentiable=True, lazy="rows"),
+         "does not support differentiable=True"),
+    ]:
+        for p in opt.param_groups[0]["params"]:
+            p.grad = w.grad
+        with pytest.raises(ValueError, match=message):
+            opt.step()
+        assert w.tolist() == [[1.0, 1.0], [1.0, 1.0]] and not opt.state
+
+
+def test_invalid_lazy_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="Invalid lazy value: 'row'; expected True, False or \"rows\""):
+        safeopt.Adam([nn.Parameter(torch.zeros(2, 2))], lazy="row")
+
+
+# -- SparseAdam, where the semantics agree --------------------------------------------------------
+
+
+def test_matches_sparse_adam_on_sparse_gradients() -> None:
+    """torch.optim.SparseAdam with sparse row gradients (what nn.Embedding(sparse=True) makes)
+    against safeopt.Adam(lazy="rows") with the same gradients made dense.
+
+    Both leave rows outside the gradient bit-identical and decay the moments of the rows in it
+    alike. SparseAdam counts steps per tensor, so its bias correction agrees for a row when the
+    row's count is the tensor's: each row is compared with a SparseAdam over that row alone,
+    stepped when the row is in the gradient. SparseAdam adds eps before dividing by
+    sqrt(bias_correction2), Adam after; with eps=1e-30 that difference is far below float64
+    rounding, and so is the rest (the moments are computed in another order): rtol 1e-12.
+    """
+    n, width, lr = 6, 4, 0.01
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(n, width, generator=gen, dtype=torch.float64)
+    dense = nn.Parameter(start.clone())
+    table = nn.Parameter(start.clone())
+    alone = [nn.Parameter(start[r : r + 1].clone()) for r in range(n)]
+    opt = safeopt.Adam([dense], lr=lr, eps=1e-30, lazy="rows")
+    sparse_table = torch.optim.SparseAdam([table], lr=lr, eps=1e-30)
+    sparse_alone = [torch.optim.SparseAdam([a], lr=lr, eps=1e-30) for a in alone]
+    schedule = [[0, 2], [2, 3], [0, 2, 5], [1], [0, 1, 2, 3, 4, 5], [5, 0]]
+    for rows in schedule:
+        values = torch.randn(len(rows), width, generator=gen, dtype=torch.float64)
+        grad = torch.sparse_coo_tensor([rows], values, (n, width), check_invariants=True)
+        dense.grad, table.grad = grad.to_dense(), grad.clone()
+        before, table_before = dense.detach().clone(), table.detach().clone()
+        opt.step()
+        sparse_table.step()
+        for r, v in zip(rows, values):
+            alone[r].grad = torch.sparse_coo_tensor([[0]], v[None], (1, width), check_invariants=True)
+            sparse_alone[r].step()
+        idle = [r for r in range(n) if r not in rows]
+        assert torch.equal(dense.detach()[idle], before[idle])
+        assert torch.equal(table.detach()[idle], table_before[idle])
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[dense][key], sparse_table.state[table][key], rtol=1e-12, atol=0)
+        expected = torch.cat([a.detach() for a in alone])
+        torch.testing.assert_close(dense.detach(), expected, rtol=1e-12, atol=0)
