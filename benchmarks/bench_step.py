@@ -380,7 +380,7 @@ def run_rows(out: Path, devices: list[str], quick: bool, rounds: int) -> None:
 
 def rows_markdown(rows: list[Row], meta: dict) -> str:
     lines = [
-        f"Measured {meta['date']} on {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads. "
+        f"Measured {meta['date']} on {meta['machine']}; torch {meta['torch']}; {meta['rounds']} rounds. "
         "safeopt with lazy=\"rows\" against torch's dense step, same implementation.",
         "",
         "| device | workload | optimizer | impl | rows active | torch ms | safeopt ms | ratio | extra MB torch | extra MB safeopt |",
