@@ -323,7 +323,7 @@ def bench_rows(device: str, quick: bool, rounds: int) -> list[Row]:
         ref, mine = torch_cls([p], **kwargs), safe_cls([p], **kwargs, lazy="rows")
         turn = [0]
 
-        def stepper(opt: torch.optim.Optimizer) -> Callable[[], None]:
+        def stepper(opt: torch.optim.Optimizer, p: nn.Parameter, grads: list[torch.Tensor]) -> Callable[[], None]:
             def step() -> None:
                 p.grad = grads[turn[0] % len(grads)]
                 turn[0] += 1
@@ -331,7 +331,7 @@ def bench_rows(device: str, quick: bool, rounds: int) -> list[Row]:
 
             return step
 
-        ref_step, mine_step = stepper(ref), stepper(mine)
+        ref_step, mine_step = stepper(ref, p, grads), stepper(mine, p, grads)
         for _ in range(len(grads)):  # state allocation and row counts outside the timed region
             ref_step()
             mine_step()

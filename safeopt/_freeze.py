@@ -12,7 +12,6 @@ import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, Union
 
-import torch
 from torch import Tensor, nn
 
 from safeopt._rule import FROZEN, FROZEN_PARAMS

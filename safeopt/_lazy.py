@@ -46,8 +46,8 @@ def lazy_step(
     by_rows = _rows.RowSteps()
     buckets = by_rows.prepare(optimizer, groups, plans)  # lazy="rows": the active rows, gathered
 
-    guarded = [
-        (p, p.grad)
+    guarded: list[tuple[torch.Tensor, torch.Tensor]] = [
+        (p, p.grad)  # type: ignore[misc]  # every active parameter has a grad
         for group, plan in zip(groups, plans)
         if writes_into_grads(optimizer, group, plan.active)
         for p in plan.active
@@ -144,11 +144,11 @@ class LazyOptimizer(FreezeAPI):
         if _rule.LAZY not in self.defaults:  # torch's __init__ is still adding its groups
             super().add_param_group(param_group)  # type: ignore[misc]
         else:
-            add_group(self, super().add_param_group, param_group)  # type: ignore[misc]
+            add_group(self, super().add_param_group, param_group)  # type: ignore[misc,arg-type]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``; freeze flags come back, a torch state_dict loads unfrozen."""
-        load_state(self, super().load_state_dict, state_dict)  # type: ignore[misc]
+        load_state(self, super().load_state_dict, state_dict)  # type: ignore[misc,arg-type]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]

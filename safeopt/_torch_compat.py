@@ -59,7 +59,7 @@ def allocate_state(
     a compatible ``_init_group`` keeps no state for an idle parameter until its
     first real update.
     """
-    arity = _init_group_arity(type(optimizer))
+    arity = _init_group_arity(type(optimizer))  # type: ignore[arg-type]  # classes hash
     if not params or arity is None:
         return
     view = dict(group)

@@ -171,7 +171,7 @@ def _snapshot_inactive(optimizer: Optimizer, plans: list[_rule.GroupPlan]) -> Ca
             for p, value, grad, grad_value, state in saved:
                 _put_back(p, value)
                 p.grad = grad
-                if grad is not None:
+                if grad is not None and grad_value is not None:
                     _put_back(grad, grad_value)
                 if state is None:
                     optimizer.state.pop(p, None)

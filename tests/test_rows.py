@@ -487,3 +487,60 @@ def test_matches_sparse_adam_on_sparse_gradients() -> None:
             torch.testing.assert_close(opt.state[dense][key], sparse_table.state[table][key], rtol=1e-12, atol=0)
         expected = torch.cat([a.detach() for a in alone])
         torch.testing.assert_close(dense.detach(), expected, rtol=1e-12, atol=0)
+
+
+# -- AMP and failures ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["forloop", "foreach", "fused"])
+def test_grad_scaler_skips_an_inf_step_and_keeps_row_counts(impl: str) -> None:
+    """GradScaler with lazy="rows": a step whose grads hold an inf changes nothing (values, state,
+    step and row_step); the steps around it are those of the same run without that step."""
+
+    def run(with_inf: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        w = nn.Parameter(torch.linspace(-1, 1, 12).reshape(4, 3))
+        opt = safeopt.Adam([w], lr=0.1, lazy="rows", **IMPLS[impl])
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=1000)
+        plan = [([0, 1], False), ([1, 2], True), ([2, 3], False)]
+        for rows, inf in plan:
+            if inf and not with_inf:
+                continue
+            loss = (w[rows] * torch.arange(1.0, 4.0)).sum()
+            if inf:
+                loss = loss * float("inf")
+            opt.zero_grad(set_to_none=False)
+            scaler.scale(loss).backward()
+            if inf:
+                before = (w.detach().clone(), {k: v.clone() for k, v in opt.state[w].items()})
+            scaler.step(opt)
+            scaler.update()
+            if inf:
+                assert harness.bit_equal(w.detach(), before[0]), impl
+                harness.assert_state_equal(opt.state[w], before[1], f"{impl}: state after the inf step")
+        return w.detach(), dict(opt.state[w])
+
+    w_skip, state_skip = run(with_inf=True)
+    w_ref, state_ref = run(with_inf=False)
+    assert harness.bit_equal(w_skip, w_ref), impl
+    harness.assert_state_equal(state_skip, state_ref, impl)
+    assert state_ref[ROW_STEP].tolist() == [1.0, 1.0, 1.0, 1.0] and float(state_ref["step"]) == 2
+
+
+def test_a_raising_step_keeps_grads_and_leaves_no_trace() -> None:
+    """torch's step raising midway (here: a sparse grad that Adam refuses in another param's place)
+    leaves every grad the same tensor with the same values, and no gathered rows in the state."""
+    w = nn.Parameter(torch.ones(4, 2))
+    v = nn.Parameter(torch.ones(3))
+    opt = safeopt.Adam([w, v], lr=0.1, lazy="rows")
+    w.grad = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    opt.step()
+    grad_w = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    w.grad = grad_w
+    v.grad = torch.sparse_coo_tensor([[0]], [1.0], (3,))
+    saved_w, saved_state = w.detach().clone(), {k: t.clone() for k, t in opt.state[w].items()}
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert w.grad is grad_w and grad_w.tolist() == [[0.0, 0.0], [3.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
+    assert set(opt.state) <= {w, v}, "gathered rows left in the optimizer state"
+    assert harness.bit_equal(w.detach(), saved_w)
+    harness.assert_state_equal(opt.state[w], saved_state, "w after the failed step")
