@@ -536,7 +536,7 @@ def test_a_raising_step_keeps_grads_and_leaves_no_trace() -> None:
     opt.step()
     grad_w = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
     w.grad = grad_w
-    v.grad = torch.sparse_coo_tensor([[0]], [1.0], (3,))
+    v.grad = torch.sparse_coo_tensor([[0]], [1.0], (3,), check_invariants=True)
     saved_w, saved_state = w.detach().clone(), {k: t.clone() for k, t in opt.state[w].items()}
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
