@@ -21,6 +21,7 @@ def test_there_is_an_example_for_every_recipe() -> None:
         "progressive_unfreezing",
         "cuda_graphs_static_grads",
         "moe_idle_experts",
+        "embedding_rows",
     } <= names
     recipes = (ROOT / "docs" / "recipes.md").read_text()
     for path in EXAMPLES:
