@@ -129,6 +129,8 @@ def _sharded_flags(grads: Sequence[Tensor], out: list[bool], positions: list[int
     for mesh, members in by_mesh.items():
         local = [_has_nonzero_async(grads[i].to_local()) for i in members]  # type: ignore[attr-defined]
         flags = torch.stack(local).to(torch.int32)
+        if flags.device.type != mesh.device_type:  # shards offloaded to the CPU, a CUDA mesh
+            flags = flags.to(mesh.device_type)
         for dim in range(mesh.ndim):
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
         for i, flag in zip(members, flags.tolist()):
