@@ -101,8 +101,9 @@ def batches(optimizer: torch.optim.Optimizer, group: dict[str, Any], active: lis
     """
     if not (isinstance(optimizer, torch.optim.SGD) and group.get("fused") and group["momentum"] != 0):
         return [active]
-    started = [p for p in active if optimizer.state.get(p, {}).get("momentum_buffer") is not None]
+    # Walk the state once by items: looking each parameter up would hash it in Python.
+    with_buffer = {id(p) for p, state in optimizer.state.items() if state.get("momentum_buffer") is not None}
+    started = [p for p in active if id(p) in with_buffer]
     if not started or len(started) == len(active):
         return [active]
-    ids = {id(p) for p in started}
-    return [started, [p for p in active if id(p) not in ids]]
+    return [started, [p for p in active if id(p) not in with_buffer]]
