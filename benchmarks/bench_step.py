@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.device(device):
                     built[workload] = WORKLOADS[workload]()
             params = built[workload]
-            steps = max(1, min(20, int(2e7 / sum(p.numel() for p in params))))
+            steps = max(1, min(100, int(2e7 / sum(p.numel() for p in params))))  # rounds of >= ~20 ms
             rows.append(measure(device, workload, opt_name, impl, how, active, params, rounds, steps))
 
     meta = {
