@@ -15,13 +15,15 @@ the same table as the ``torch ms`` column). Memory is the extra memory a step al
 the parameters, grads and state (CUDA: peak allocated; CPU: bytes allocated during the step,
 from the profiler).
 
-Writes ``<out>/results.json``, ``<out>/results.md`` and ``<out>/ratio_vs_active.png``.
+Writes ``<out>/results.json``, ``<out>/results.md`` and ``<out>/ratio_vs_active.png``
+(``results-quick.*`` and ``ratio_vs_active-quick.png`` with ``--quick``, so a quick run never
+overwrites the full results).
 
 ``lazy="rows"`` (see ``bench_rows``): a 1,000,000 x 64 embedding table and grouped experts
 ``[64, 512, 512]`` whose grads are dense with only some rows (experts) nonzero, safeopt with
 ``lazy="rows"`` against torch's dense step of the same implementation. Each step takes the next of
 three grads with different random active rows, so rows reach different step counts. Written to
-``<out>/rows.json`` and ``<out>/rows.md``; part of the full suite, alone with ``--rows``, and the
+``<out>/rows.json``, ``<out>/rows.md`` and ``<out>/rows.png``; part of the full suite, alone with ``--rows``, and the
 1%-active embedding with fused Adam in ``--quick``.
 """
 
@@ -375,7 +377,53 @@ def run_rows(out: Path, devices: list[str], quick: bool, rounds: int) -> None:
     path.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
     table = rows_markdown(rows, meta)
     path.with_suffix(".md").write_text(table)
+    plot_rows(rows, path.with_suffix(".png"))
     print(table)
+
+
+def plot_rows(rows: list[Row], path: Path) -> bool:
+    """One panel per workload: ratio against the fraction of rows active, a line per optimizer and impl."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
+        return False
+    workloads = list(dict.fromkeys(r.workload for r in rows))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4.2 * len(workloads), 3.2), squeeze=False)
+    styles = {"fused": "-", "foreach": "--", "forloop": ":"}
+    colours = dict(zip(OPTIMIZERS, ("tab:blue", "tab:orange", "tab:green")))
+    for ax, workload in zip(axes[0], workloads):
+        fractions = sorted({r.active for r in rows if r.workload == workload})  # evenly spaced on x
+        series: dict[tuple[str, str, str], list[Row]] = {}
+        for r in rows:
+            if r.workload == workload:
+                series.setdefault((r.device, r.optimizer, r.impl), []).append(r)
+        for (device, opt_name, impl), rs in series.items():
+            rs = sorted(rs, key=lambda r: r.active)
+            ax.plot(
+                [fractions.index(r.active) for r in rs], [r.ratio for r in rs], marker="o", markersize=3,
+                color=colours[opt_name], linestyle=styles[impl], linewidth=1,
+                label=f"{opt_name} {impl}" + (f" ({device})" if len({r.device for r in rows}) > 1 else ""),
+            )
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(fractions)), [f"{f:.1%}" for f in fractions])
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(workload, fontsize=9)
+        ax.set_xlabel("rows active")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel('lazy="rows" / torch dense time')
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=110)
+    return True
 
 
 def rows_markdown(rows: list[Row], meta: dict) -> str:
@@ -408,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = [Row(**r) for r in saved["rows"]]
         (args.out / "results.md").write_text(markdown(rows, saved["meta"]))
         plot(rows, args.out / "ratio_vs_active.png")
+        if (args.out / "rows.json").exists():
+            saved = json.loads((args.out / "rows.json").read_text())
+            rows = [Row(**r) for r in saved["rows"]]
+            (args.out / "rows.md").write_text(rows_markdown(rows, saved["meta"]))
+            plot_rows(rows, args.out / "rows.png")
         return 0
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     rounds = args.rounds or (5 if args.quick else 7)
@@ -439,10 +492,13 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "rounds": rounds,
     }
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    suffix = "-quick" if args.quick else ""  # a quick run never overwrites the full results
+    (args.out / f"results{suffix}.json").write_text(
+        json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1)
+    )
     table = markdown(rows, meta)
-    (args.out / "results.md").write_text(table)
-    plot(rows, args.out / "ratio_vs_active.png")
+    (args.out / f"results{suffix}.md").write_text(table)
+    plot(rows, args.out / f"ratio_vs_active{suffix}.png")
     print(table)
     run_rows(args.out, devices, quick=args.quick, rounds=rounds)
     return 0
