@@ -52,7 +52,14 @@ def lazy_step(
         if writes_into_grads(optimizer, group, plan.active)
         for p in plan.active
     ]
-    rounds = [batches(optimizer, group, plan.active + extra) for group, plan, extra in zip(groups, plans, buckets)]
+    # Gathered rows go through torch in a step of their own: torch's foreach SGD switches every
+    # tensor of a call to another code path (rounding float16 and bfloat16 differently) when one of
+    # them starts its momentum buffer, as a bucket of rows often does; the group's whole parameters
+    # must not depend on that.
+    rounds = [
+        [b for b in (*batches(optimizer, group, plan.active), *batches(optimizer, group, extra)) if b] or [[]]
+        for group, plan, extra in zip(groups, plans, buckets)
+    ]
     after = before(plans) if before is not None else None
     all_params = [group["params"] for group in groups]
     stepped = False

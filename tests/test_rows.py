@@ -312,9 +312,20 @@ def test_rows_property(data: Any) -> None:
             elif counted:
                 assert uniform[i], f"{what}: param {i} had a partial step but has no row_step"
         for i, (p, q) in enumerate(zip(params, twin_params)):
-            if uniform[i]:  # never a partial step: exactly lazy=True
-                assert harness.bit_equal(p.detach(), q.detach()), f"{what}: param {i} differs from lazy=True"
-                harness.assert_state_equal(opt.state.get(p, {}), lazy_opt.state.get(q, {}), f"{what}: param {i}")
+            if not uniform[i]:
+                continue
+            # Never a partial step: exactly lazy=True. One exception is torch's: its foreach SGD
+            # rounds a float16/bfloat16 tensor differently when another tensor of the same call
+            # starts its momentum buffer (test_torch_foreach_sgd_rounds_by_its_company), and the
+            # two runs put different company beside it when some other parameter starts as a
+            # whole under lazy=True but by rows here. There: within a few ulps a step.
+            if sgd and impl == "foreach" and kwargs.get("momentum") and dtype in (torch.float16, torch.bfloat16):
+                _assert_within_ulps(p.detach(), q.detach(), step + 1, f"{what}: param {i} against lazy=True")
+                for key, value in opt.state.get(p, {}).items():
+                    _assert_within_ulps(value, lazy_opt.state[q][key], step + 1, f"{what}: param {i} {key}")
+                continue
+            assert harness.bit_equal(p.detach(), q.detach()), f"{what}: param {i} differs from lazy=True"
+            harness.assert_state_equal(opt.state.get(p, {}), lazy_opt.state.get(q, {}), f"{what}: param {i}")
 
         if data.draw(st.booleans(), label="checkpoint"):
             saved = _roundtrip(opt.state_dict())
@@ -328,6 +339,37 @@ def test_rows_property(data: Any) -> None:
             lazy_state = _roundtrip(lazy_opt.state_dict())
             lazy_opt = twin(twin_params, **kwargs)
             lazy_opt.load_state_dict(lazy_state)
+
+
+def _assert_within_ulps(actual: Tensor, expected: Tensor, steps: int, what: str) -> None:
+    """Elementwise ``|actual - expected| <= 2 * steps * eps * (|actual| + |expected|)``, NaN where NaN."""
+    a, e = actual.double(), expected.double()
+    eps = torch.finfo(actual.dtype).eps
+    assert torch.equal(a.isnan(), e.isnan()), f"{what}: NaN where the other has none"
+    ok = (a == e) | ((a - e).abs() <= 2 * steps * eps * (a.abs() + e.abs())) | a.isnan()
+    assert bool(ok.all()), f"{what}: {a[~ok].tolist()} != {e[~ok].tolist()}"
+
+
+def test_torch_foreach_sgd_rounds_by_its_company() -> None:
+    """torch's own foreach SGD: a bfloat16 tensor that has a momentum buffer is updated with other
+    bits when another tensor of the same call starts its buffer (torch then steps every tensor
+    with per-tensor ops instead of foreach ops). This is why gathered rows get a torch call of
+    their own, and why test_rows_property compares such runs with lazy=True within a few ulps."""
+    differs = 0
+    for seed in range(10):
+        gen = torch.Generator().manual_seed(seed)
+        start, g1, g2, other = (torch.randn(5, 3, generator=gen).to(torch.bfloat16) for _ in range(4))
+        results = []
+        for company in (False, True):
+            a, b = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+            opt = torch.optim.SGD([a, b], lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.1, foreach=True)
+            a.grad = g1.clone()
+            opt.step()  # a has a buffer, b none
+            a.grad, b.grad = g2.clone(), (other.clone() if company else None)
+            opt.step()
+            results.append(a.detach().clone())
+        differs += not torch.equal(*results)
+    assert differs > 0  # if torch stops doing this, the exception in test_rows_property can go
 
 
 def test_the_tolerance_sees_a_wrong_step_count() -> None:
