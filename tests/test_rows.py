@@ -105,6 +105,38 @@ def test_active_rows_any_layout(make: Any) -> None:
     assert active_rows(grad).tolist() == expected_rows(grad)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("open_rows", ["none", "few", "many"])
+def test_active_rows_wide_rows(dtype: torch.dtype, open_rows: str) -> None:
+    """Rows of 1 KB and more are first judged by their first element; the rest are read in full
+    (gathered when few, all of the grad when many). Every kind of row, in all three regimes."""
+    real = dtype.to_real() if dtype.is_complex else dtype
+    width = 2048 // torch.empty((), dtype=real).element_size()  # 2 KB rows
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.randn(16, width, generator=gen, dtype=torch.float64).to(dtype)  # first elements nonzero
+    opened = {"none": 0, "few": 5, "many": 12}[open_rows]
+    kinds = ["zero", "-0", "zero but last", "-0 but a sign byte", "nan later", "subnormal later"]
+    for r in range(opened):
+        kind = kinds[r % len(kinds)]
+        row = grad[r]
+        row.zero_()
+        if kind == "-0":
+            row.fill_(-0.0)
+        elif kind == "zero but last":
+            row[-1] = 1.5
+        elif kind == "-0 but a sign byte":
+            row.fill_(-0.0)
+            row[width // 2] = _from_bits(0x80, real).to(dtype) if not dtype.is_complex else complex(_from_bits(0x80, real).item(), 0)
+        elif kind == "nan later":
+            row[3] = float("nan")
+        elif kind == "subnormal later":
+            row[-2] = torch.finfo(real).smallest_normal / 4
+    grad[opened:, 0] = torch.where(grad[opened:, 0] == 0, torch.ones((), dtype=dtype), grad[opened:, 0])
+    got = active_rows(grad).tolist()
+    assert got == expected_rows(grad)
+    assert len(got) == 16 - sum(kinds[r % len(kinds)] in ("zero", "-0") for r in range(opened))
+
+
 # -- the reference: torch stepping one row alone ------------------------------------------------
 
 
