@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from safeopt._torch_compat import allocate_state
+from safeopt._torch_compat import allocate_state, writes_into_grads
 
 __all__ = ["ROWS", "ROW_STEP", "RowSteps", "active_rows", "check", "restore_counts"]
 
@@ -142,9 +142,35 @@ class _Job(NamedTuple):
     rows: Tensor  # the active rows, ordered by bucket
     counts: Tensor | None  # their row_step before the step, same order; None: SGD without momentum
     keys: list[str]  # per-element state keys gathered along with the parameter
-    compact: dict[str, Tensor]  # "" -> the compact parameter; key -> the compact state
+    compact: dict[str, Tensor]  # gathered: "" -> the compact parameter; key -> the compact state
     buckets: list[tuple[float, int]]  # (the rows' step count, how many rows)
-    shadows: list[Tensor]  # the compact parameter of each bucket: a view of compact[""]
+    shadows: list[Tensor]  # what torch steps: a split of compact[""] per bucket, or a run's view
+    runs: list[tuple[int, int, float]]  # in place: each shadow's rows [start, stop) and count
+
+
+# A parameter whose active rows form few runs of consecutive rows with one count, each holding
+# at least this many bytes of the parameter on average (whole experts of a grouped weight, say),
+# is stepped in place, one view of the parameter and its state per run: nothing is gathered or
+# written back. Short runs (scattered embedding rows) are gathered: a view costs more than
+# copying a few hundred bytes.
+_RUN_BYTES = 16384
+
+
+def _runs(rows: Tensor, counts: list[float], row_bytes: int) -> list[tuple[int, int, float]] | None:
+    """The runs ``[start, stop)`` of consecutive rows with the same count, or None when they are
+    too short on average to be worth stepping in place."""
+    limit = rows.numel() * row_bytes // _RUN_BYTES
+    if not limit or (rows.numel() > 4096 and row_bytes < _RUN_BYTES):
+        return None
+    runs: list[tuple[int, int, float]] = []
+    for row, count in zip(rows.tolist(), counts):
+        if runs and runs[-1][1] == row and runs[-1][2] == count:
+            runs[-1] = (runs[-1][0], row + 1, count)
+        else:
+            runs.append((row, row + 1, count))
+            if len(runs) > limit:
+                return None
+    return runs
 
 
 class RowSteps:
@@ -216,21 +242,56 @@ class RowSteps:
             buckets = [(0.0, rows.numel())]
 
         keys = [k for k, v in state.items() if k != ROW_STEP and isinstance(v, Tensor) and v.shape == p.shape]
+        grad: Tensor = p.grad  # type: ignore[assignment]
+        if all(t.is_contiguous() for t in (p, grad, *(state[k] for k in keys))):
+            bucket_of_row = [count for count, n in buckets for _ in range(n)]
+            runs = _runs(rows, bucket_of_row, p[0].numel() * p.element_size())
+            if runs is not None:
+                return self._in_place(optimizer, group, p, rows, counts, keys, buckets, runs, sgd)
         compact = {"": p.index_select(0, rows)}
         compact.update((k, state[k].index_select(0, rows)) for k in keys)
         sizes = [n for _, n in buckets]
         shadows = list(compact[""].split(sizes))
         parts = {k: compact[k].split(sizes) for k in keys}
         shadow_states: list[dict[str, Tensor]] = []
-        for b, (grad, (count, _)) in enumerate(zip(p.grad.index_select(0, rows).split(sizes), buckets)):  # type: ignore[union-attr]
-            shadows[b].grad = grad
+        for b, (shadow_grad, (count, _)) in enumerate(zip(grad.index_select(0, rows).split(sizes), buckets)):
+            shadows[b].grad = shadow_grad
             shadow_state = {}
             if "step" in state:
                 shadow_state["step"] = torch.full_like(state["step"], count)
             if not (sgd and count == 0):  # a row's first SGD step makes its buffer from its grad
                 shadow_state.update((k, parts[k][b]) for k in keys)
             shadow_states.append(shadow_state)
-        return _Job(p, rows, counts, keys, compact, buckets, shadows), shadow_states
+        return _Job(p, rows, counts, keys, compact, buckets, shadows, []), shadow_states
+
+    def _in_place(
+        self,
+        optimizer: torch.optim.Optimizer,
+        group: dict[str, Any],
+        p: Tensor,
+        rows: Tensor,
+        counts: Tensor | None,
+        keys: list[str],
+        buckets: list[tuple[float, int]],
+        runs: list[tuple[int, int, float]],
+        sgd: bool,
+    ) -> tuple[_Job, list[dict[str, Tensor]]]:
+        """Shadows that are views of ``p`` (and grads and state that are views of its own), one
+        per run: torch updates the rows where they are."""
+        state = optimizer.state[p]
+        grad: Tensor = p.grad  # type: ignore[assignment]
+        shadows = [p.detach()[start:stop] for start, stop, _ in runs]
+        copy_grads = writes_into_grads(optimizer, group, shadows)  # torch would write into the user's grad
+        shadow_states: list[dict[str, Tensor]] = []
+        for shadow, (start, stop, count) in zip(shadows, runs):
+            shadow.grad = grad[start:stop].clone() if copy_grads else grad[start:stop]
+            shadow_state = {}
+            if "step" in state:
+                shadow_state["step"] = torch.full_like(state["step"], count)
+            if not (sgd and count == 0):
+                shadow_state.update((k, state[k][start:stop]) for k in keys)
+            shadow_states.append(shadow_state)
+        return _Job(p, rows, counts, keys, {}, buckets, shadows, runs), shadow_states
 
     def finish(self, stepped: bool) -> None:
         """Write the stepped rows back (when the step returned) and take the buckets out of the state."""
@@ -250,21 +311,28 @@ class RowSteps:
     def _write_back(self, job: _Job) -> None:
         state = self._state[job.param]
         first = self._state[job.shadows[0]]
-        sizes = [n for _, n in job.buckets]
-        for key in job.keys:
-            # torch replaces a missing SGD momentum buffer by a new tensor: copy it into place.
-            for part, shadow in zip(job.compact[key].split(sizes), job.shadows):
-                made = self._state[shadow].get(key)
-                if made is not None and made is not part:
-                    part.copy_(made)
-            state[key].index_copy_(0, job.rows, job.compact[key])
-        job.param.index_copy_(0, job.rows, job.compact[""])
+        if job.runs:  # stepped in place; torch made new SGD momentum buffers for first-step runs
+            for key in job.keys:
+                for shadow, (start, stop, _) in zip(job.shadows, job.runs):
+                    made = self._state[shadow].get(key)
+                    if made is not None and made.data_ptr() != state[key][start:stop].data_ptr():
+                        state[key][start:stop].copy_(made)
+        else:
+            sizes = [n for _, n in job.buckets]
+            for key in job.keys:
+                # torch replaces a missing SGD momentum buffer by a new tensor: copy it into place.
+                for part, shadow in zip(job.compact[key].split(sizes), job.shadows):
+                    made = self._state[shadow].get(key)
+                    if made is not None and made is not part:
+                        part.copy_(made)
+                state[key].index_copy_(0, job.rows, job.compact[key])
+            job.param.index_copy_(0, job.rows, job.compact[""])
         if job.counts is None:
             return
         if "step" in first:
             # torch's step advanced each bucket's step by one (by none where a fused kernel found
             # an inf under GradScaler); the tensor's step counts steps with any row active.
-            advanced = first["step"] - job.buckets[0][0]
+            advanced = first["step"] - (job.runs[0][2] if job.runs else job.buckets[0][0])
             state["step"].add_(advanced)
             advanced = advanced.to(job.counts.device, torch.float32)
         else:

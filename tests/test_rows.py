@@ -30,6 +30,7 @@ from torch import Tensor, nn
 import cases
 import harness
 import safeopt
+from safeopt import _rows
 from safeopt._rows import ROW_STEP, active_rows
 
 # -- the row check -------------------------------------------------------------------------------
@@ -197,6 +198,7 @@ CONFIGS: list[tuple[type, dict[str, Any]]] = [
     (torch.optim.SGD, {}),
     (torch.optim.SGD, {"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.1}),
     (torch.optim.SGD, {"momentum": 0.9, "nesterov": True, "maximize": True}),
+    (torch.optim.SGD, {"momentum": 0.5, "nesterov": True}),  # torch's foreach step writes into grads
 ]
 IMPLS = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 PROPERTY_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.complex64)
@@ -241,6 +243,16 @@ def _roundtrip(state_dict: dict[str, Any]) -> dict[str, Any]:
 @settings(parent=settings.default)
 @given(data=st.data())
 def test_rows_property(data: Any) -> None:
+    # Both ways of stepping rows: in place (views of the parameter, a few runs of rows) and gathered.
+    in_place = data.draw(st.booleans(), label="rows stepped in place when they can be")
+    saved, _rows._RUN_BYTES = _rows._RUN_BYTES, (1 if in_place else 2**62)
+    try:
+        _rows_property(data)
+    finally:
+        _rows._RUN_BYTES = saved
+
+
+def _rows_property(data: Any) -> None:
     torch_cls, kwargs = data.draw(st.sampled_from(CONFIGS), label="config")
     impl = data.draw(st.sampled_from(sorted(IMPLS)), label="impl")
     dtype = data.draw(st.sampled_from(PROPERTY_DTYPES), label="dtype")
