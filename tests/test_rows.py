@@ -578,10 +578,14 @@ def test_matches_sparse_adam_on_sparse_gradients() -> None:
 # -- AMP and failures ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["gathered", "in place"])
 @pytest.mark.parametrize("impl", ["forloop", "foreach", "fused"])
-def test_grad_scaler_skips_an_inf_step_and_keeps_row_counts(impl: str) -> None:
+def test_grad_scaler_skips_an_inf_step_and_keeps_row_counts(
+    impl: str, in_place: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """GradScaler with lazy="rows": a step whose grads hold an inf changes nothing (values, state,
     step and row_step); the steps around it are those of the same run without that step."""
+    monkeypatch.setattr(_rows, "_RUN_BYTES", 1 if in_place else 2**62)
 
     def run(with_inf: bool) -> tuple[Tensor, dict[str, Tensor]]:
         w = nn.Parameter(torch.linspace(-1, 1, 12).reshape(4, 3))
@@ -612,9 +616,11 @@ def test_grad_scaler_skips_an_inf_step_and_keeps_row_counts(impl: str) -> None:
     assert state_ref[ROW_STEP].tolist() == [1.0, 1.0, 1.0, 1.0] and float(state_ref["step"]) == 2
 
 
-def test_a_raising_step_keeps_grads_and_leaves_no_trace() -> None:
-    """torch's step raising midway (here: a sparse grad that Adam refuses in another param's place)
+@pytest.mark.parametrize("in_place", [False, True], ids=["gathered", "in place"])
+def test_a_raising_step_keeps_grads_and_leaves_no_trace(in_place: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's step raising (here: a sparse grad that Adam refuses in another param's place)
     leaves every grad the same tensor with the same values, and no gathered rows in the state."""
+    monkeypatch.setattr(_rows, "_RUN_BYTES", 1 if in_place else 2**62)
     w = nn.Parameter(torch.ones(4, 2))
     v = nn.Parameter(torch.ones(3))
     opt = safeopt.Adam([w, v], lr=0.1, lazy="rows")
