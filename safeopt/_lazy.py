@@ -44,7 +44,7 @@ def lazy_step(
     for group, plan in zip(groups, plans):
         allocate_state(optimizer, group, [p for p in plan.idle_with_grad if not optimizer.state.get(p)])
     by_rows = _rows.RowSteps()
-    buckets = by_rows.prepare(optimizer, groups, plans)  # lazy="rows": the active rows, gathered
+    buckets = by_rows.prepare(optimizer, groups, plans)  # lazy="rows": views or gathered rows
 
     guarded: list[tuple[torch.Tensor, torch.Tensor]] = [
         (p, p.grad)  # type: ignore[misc]  # every active parameter has a grad
@@ -56,10 +56,10 @@ def lazy_step(
     # tensor of a call to another code path (rounding float16 and bfloat16 differently) when one of
     # them starts its momentum buffer, as a bucket of rows often does; the group's whole parameters
     # must not depend on that.
-    rounds = [
-        [b for b in (*batches(optimizer, group, plan.active), *batches(optimizer, group, extra)) if b] or [[]]
-        for group, plan, extra in zip(groups, plans, buckets)
-    ]
+    rounds: list[list[list[torch.Tensor]]] = []
+    for group, plan, extra in zip(groups, plans, buckets):
+        steps = batches(optimizer, group, plan.active) + (batches(optimizer, group, extra) if extra else [])
+        rounds.append([batch for batch in steps if batch] or [[]])
     after = before(plans) if before is not None else None
     all_params = [group["params"] for group in groups]
     stepped = False

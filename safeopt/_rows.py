@@ -5,12 +5,13 @@ keep every expert in one ``[E, ...]`` parameter, get a dense gradient whose rows
 In a group with ``lazy="rows"``, a parameter of two or more dimensions takes part row by row:
 
 1. ``active_rows`` finds the rows of the grad with a nonzero element in one read of the grad.
-2. The active rows of the parameter, its grad and its per-element state are gathered into
-   compact tensors, one compact tensor per distinct row step count ("bucket").
-3. torch's own ``step()`` updates the buckets, each with its own ``step``, next to the group's
-   other active parameters: every row gets torch's update with the bias correction of the steps
-   *it* took part in. safeopt computes no update itself.
-4. The buckets are written back into the parameter and its state; nothing else is touched.
+2. Rows in long runs of one step count (whole experts) become views of the parameter, its grad
+   and its per-element state. Other rows are gathered into compact tensors, one per distinct
+   row step count ("bucket").
+3. torch's own ``step()`` updates the views or buckets, each with its own ``step``, in a step of
+   their own: every row gets torch's update with the bias correction of the steps *it* took part
+   in. safeopt computes no update itself.
+4. Buckets are written back into the parameter and its state; nothing else is touched.
 
 Per-row counts live in the extra state key ``row_step`` (float32, one entry per row). It is
 created the first time a parameter's rows are not all active; until then every row has taken
@@ -19,6 +20,7 @@ part in every step of the tensor, and torch's own step runs on the whole paramet
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -61,15 +63,6 @@ def _nonzero_rows(rows: Tensor) -> Tensor:
 _WIDE_ROW_BYTES = 1024
 
 
-def _first_elements_nonzero(flat: Tensor) -> Tensor | None:
-    """For a real ``[rows, elements]`` tensor, whether each row's first element is nonzero
-    (a bit other than its sign bit set); None where the dtype has no integer twin."""
-    size = flat.element_size()
-    if size not in _INT_OF_SIZE:
-        return None
-    return flat[:, 0].view(_INT_OF_SIZE[size]).bitwise_and(_MAGNITUDE[size]).ne(0)
-
-
 def active_rows(grad: Tensor) -> Tensor:
     """Ascending int64 indices of the rows of ``grad`` (slices along dim 0) with a nonzero element.
 
@@ -91,15 +84,14 @@ def active_rows(grad: Tensor) -> Tensor:
         # Wide rows (grouped experts, large embedding widths): a row whose first element is
         # nonzero is active without reading the rest. Rows left open are read in full, gathered
         # when they are few, else by the whole-grad pass below.
-        known = _first_elements_nonzero(flat)
-        if known is not None:
-            open_rows = flat.shape[0] - int(known.sum())
-            if not open_rows:
-                return torch.arange(flat.shape[0], device=grad.device)
-            if 2 * open_rows <= flat.shape[0]:
-                unknown = (~known).nonzero().squeeze(1)
-                known[unknown[_rows_of(flat.index_select(0, unknown))]] = True
-                return known.nonzero().squeeze(1)
+        known = _nonzero_rows(flat[:, :1])
+        open_rows = flat.shape[0] - int(known.sum())
+        if not open_rows:
+            return torch.arange(flat.shape[0], device=grad.device)
+        if 2 * open_rows <= flat.shape[0]:
+            unknown = (~known).nonzero().squeeze(1)
+            known[unknown[_rows_of(flat.index_select(0, unknown))]] = True
+            return known.nonzero().squeeze(1)
     return _rows_of(flat)
 
 
@@ -156,12 +148,13 @@ class _Job(NamedTuple):
 _RUN_BYTES = 16384
 
 
-def _runs(rows: Tensor, counts: list[float], row_bytes: int) -> list[tuple[int, int, float]] | None:
-    """The runs ``[start, stop)`` of consecutive rows with the same count, or None when they are
-    too short on average to be worth stepping in place."""
+def _runs(rows: Tensor, buckets: list[tuple[float, int]], row_bytes: int) -> list[tuple[int, int, float]] | None:
+    """The runs ``[start, stop)`` of consecutive rows (ordered by bucket) with the same count, or
+    None when they are too short on average to be worth stepping in place."""
     limit = rows.numel() * row_bytes // _RUN_BYTES
     if not limit or (rows.numel() > 4096 and row_bytes < _RUN_BYTES):
         return None
+    counts = itertools.chain.from_iterable(itertools.repeat(count, n) for count, n in buckets)
     runs: list[tuple[int, int, float]] = []
     for row, count in zip(rows.tolist(), counts):
         if runs and runs[-1][1] == row and runs[-1][2] == count:
@@ -244,8 +237,7 @@ class RowSteps:
         keys = [k for k, v in state.items() if k != ROW_STEP and isinstance(v, Tensor) and v.shape == p.shape]
         grad: Tensor = p.grad  # type: ignore[assignment]
         if all(t.is_contiguous() for t in (p, grad, *(state[k] for k in keys))):
-            bucket_of_row = [count for count, n in buckets for _ in range(n)]
-            runs = _runs(rows, bucket_of_row, p[0].numel() * p.element_size())
+            runs = _runs(rows, buckets, p.numel() // p.shape[0] * p.element_size())
             if runs is not None:
                 return self._in_place(optimizer, group, p, rows, counts, keys, buckets, runs, sgd)
         compact = {"": p.index_select(0, rows)}
