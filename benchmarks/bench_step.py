@@ -39,6 +39,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import os
 
@@ -229,8 +230,8 @@ def markdown(rows: list[Row], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[Row], path: Path) -> bool:
-    """One panel per (implementation, workload); colour = optimizer, line style = how inactive."""
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None (with a note) when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -238,10 +239,33 @@ def plot(rows: list[Row], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
+        return None
+    return plt
+
+
+COLOURS = dict(zip(OPTIMIZERS, ("tab:blue", "tab:orange", "tab:green")))
+
+
+def _meta(devices: list[str], quick: bool, rounds: int) -> dict[str, Any]:
+    """Where and how a run was measured: written next to its rows."""
+    return {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "quick": quick,
+        "rounds": rounds,
+    }
+
+
+def plot(rows: list[Row], path: Path) -> bool:
+    """One panel per (implementation, workload); colour = optimizer, line style = how inactive."""
+    plt = _pyplot()
+    if plt is None:
         return False
     workloads = list(dict.fromkeys(r.workload for r in rows))
     impls = list(dict.fromkeys(r.impl for r in rows))
-    colours = dict(zip(OPTIMIZERS, ("tab:blue", "tab:orange", "tab:green")))
     styles = {"zero grads": "-", "freeze": "--"}
     fig, axes = plt.subplots(
         len(impls), len(workloads), figsize=(3.6 * len(workloads), 2.6 * len(impls)), squeeze=False, sharex=True
@@ -256,7 +280,7 @@ def plot(rows: list[Row], path: Path) -> bool:
             rs = sorted(rs, key=lambda r: r.active)
             ax.plot(
                 [r.active * 100 for r in rs], [r.ratio for r in rs], marker="o", markersize=3,
-                color=colours[opt_name], linestyle=styles[how], linewidth=1,
+                color=COLOURS[opt_name], linestyle=styles[how], linewidth=1,
                 label=f"{opt_name}, {how}" + (f" ({device})" if len({r.device for r in rows}) > 1 else ""),
             )
         ax.axhline(1.0, color="black", linewidth=0.8)
@@ -364,15 +388,7 @@ def bench_rows(device: str, quick: bool, rounds: int) -> list[Row]:
 def run_rows(out: Path, devices: list[str], quick: bool, rounds: int) -> None:
     """bench_rows on every device; writes ``<out>/rows.json`` and ``rows.md`` (``rows-quick.*`` with quick)."""
     rows = [r for device in devices for r in bench_rows(device, quick, rounds)]
-    meta = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "quick": quick,
-        "rounds": rounds,
-    }
+    meta = _meta(devices, quick, rounds)
     path = out / ("rows-quick.json" if quick else "rows.json")
     path.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
     table = rows_markdown(rows, meta)
@@ -383,19 +399,14 @@ def run_rows(out: Path, devices: list[str], quick: bool, rounds: int) -> None:
 
 def plot_rows(rows: list[Row], path: Path) -> bool:
     """One panel per workload: ratio against the fraction of rows active, a line per optimizer and impl."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
+    plt = _pyplot()
+    if plt is None:
         return False
+    import matplotlib.ticker as ticker
+
     workloads = list(dict.fromkeys(r.workload for r in rows))
     fig, axes = plt.subplots(1, len(workloads), figsize=(4.2 * len(workloads), 3.2), squeeze=False)
     styles = {"fused": "-", "foreach": "--", "forloop": ":"}
-    colours = dict(zip(OPTIMIZERS, ("tab:blue", "tab:orange", "tab:green")))
     for ax, workload in zip(axes[0], workloads):
         fractions = sorted({r.active for r in rows if r.workload == workload})  # evenly spaced on x
         series: dict[tuple[str, str, str], list[Row]] = {}
@@ -406,15 +417,15 @@ def plot_rows(rows: list[Row], path: Path) -> bool:
             rs = sorted(rs, key=lambda r: r.active)
             ax.plot(
                 [fractions.index(r.active) for r in rs], [r.ratio for r in rs], marker="o", markersize=3,
-                color=colours[opt_name], linestyle=styles[impl], linewidth=1,
+                color=COLOURS[opt_name], linestyle=styles[impl], linewidth=1,
                 label=f"{opt_name} {impl}" + (f" ({device})" if len({r.device for r in rows}) > 1 else ""),
             )
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
         ax.set_xticks(range(len(fractions)), [f"{f:.1%}" for f in fractions])
-        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_title(workload, fontsize=9)
         ax.set_xlabel("rows active")
         ax.grid(alpha=0.3, which="both")
@@ -483,15 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             steps = max(1, min(100, int(2e7 / sum(p.numel() for p in params))))  # rounds of >= ~20 ms
             rows.append(measure(device, workload, opt_name, impl, how, active, params, rounds, steps))
 
-    meta = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "quick": args.quick,
-        "rounds": rounds,
-    }
+    meta = _meta(devices, args.quick, rounds)
     suffix = "-quick" if args.quick else ""  # a quick run never overwrites the full results
     (args.out / f"results{suffix}.json").write_text(
         json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1)

@@ -7,6 +7,7 @@ safeopt step equals a torch step on only the active parameters.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -94,6 +95,22 @@ def snapshot(opt: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[tuple
 
 
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def from_bits(bits: int, dtype: torch.dtype) -> Tensor:
+    """One element of ``dtype`` (its real part's dtype, for a complex one) with the given bits."""
+    real = dtype.to_real() if dtype.is_complex else dtype
+    size = torch.empty((), dtype=real).element_size()
+    signed = bits - (1 << (8 * size)) if bits >> (8 * size - 1) else bits
+    return torch.tensor([signed], dtype=_INT_OF_SIZE[size]).view(real)
+
+
+def roundtrip(state_dict: dict[str, Any], *, weights_only: bool = True) -> dict[str, Any]:
+    """A checkpoint: torch.save into memory and torch.load back."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=weights_only)
 
 
 def bits(t: Tensor) -> Tensor:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 from typing import Any
 
 import pytest
@@ -88,14 +87,6 @@ class GroupSpec:
         if self.lr is not None:
             out["lr"] = self.lr
         return out
-
-
-def roundtrip(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint: torch.save into memory and torch.load back."""
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
 
 
 class OptimizerMachine(RuleBasedStateMachine):
@@ -322,10 +313,10 @@ class OptimizerMachine(RuleBasedStateMachine):
             assert group["lazy"] == self.group_lazy[g], f"state_dict group {g} lazy"
         # The new optimizer's own default differs with flip_lazy: "lazy" must come from the checkpoint.
         new = self._make_safe(self.lazy ^ flip_lazy)
-        new.load_state_dict(roundtrip(state_dict))
+        new.load_state_dict(harness.roundtrip(state_dict, weights_only=False))
         self.opt = new
         ref = self._make_torch(self.ref_params)
-        ref.load_state_dict(roundtrip(self.ref.state_dict()))
+        ref.load_state_dict(harness.roundtrip(self.ref.state_dict(), weights_only=False))
         self.ref = ref
 
     # -- the step and its checks ----------------------------------------------------------
@@ -532,9 +523,9 @@ def test_checkpoint_keeps_fresh_state_as_torch_makes_it(torch_cls: type) -> None
     w.grad = torch.zeros_like(w)  # idle: safeopt allocates torch's fresh state; the reference has grad None
     opt.step()
     opt2 = safeopt.wrap(torch_cls([w], foreach=False))
-    opt2.load_state_dict(roundtrip(opt.state_dict()))
+    opt2.load_state_dict(harness.roundtrip(opt.state_dict(), weights_only=False))
     ref2 = torch_cls([ref_w], foreach=False)
-    ref2.load_state_dict(roundtrip(ref.state_dict()))
+    ref2.load_state_dict(harness.roundtrip(ref.state_dict(), weights_only=False))
     grad = torch.tensor([0.3, -0.7], dtype=torch.float64)
     w.grad, ref_w.grad = grad, grad.clone()
     opt2.step()

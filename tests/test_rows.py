@@ -18,7 +18,6 @@ Also: the row check itself, SparseAdam where its semantics agree, and the errors
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import pytest
@@ -36,14 +35,6 @@ from safeopt._rows import ROW_STEP, active_rows
 # -- the row check -------------------------------------------------------------------------------
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64]
-
-
-def _from_bits(bits: int, dtype: torch.dtype) -> Tensor:
-    """One element of ``dtype`` (real) with the given bit pattern."""
-    real = dtype.to_real() if dtype.is_complex else dtype
-    size = torch.empty((), dtype=real).element_size()
-    signed = bits - (1 << (8 * size)) if bits >> (8 * size - 1) else bits
-    return torch.tensor([signed], dtype={2: torch.int16, 4: torch.int32, 8: torch.int64}[size]).view(real)
 
 
 def expected_rows(grad: Tensor) -> list[int]:
@@ -71,10 +62,10 @@ def test_active_rows_finds_exactly_the_rows_with_a_nonzero_element(dtype: torch.
     # A nonzero element whose largest byte is the sign byte of -0.0 (0x80): rows whose largest
     # byte is 0x80 are the ones the fast check cannot settle.
     odd = torch.zeros(2, 3, dtype=real)
-    odd[0, 0] = _from_bits(0x80, real)  # a subnormal, bytes 0x80 0x00 ...
+    odd[0, 0] = harness.from_bits(0x80, real)  # a subnormal, bytes 0x80 0x00 ...
     odd[0, 1] = -0.0
     odd[1, 0] = -0.0
-    odd[1, 2] = -_from_bits(0x80, real)  # bytes 0x80 0x00 ... 0x80
+    odd[1, 2] = -harness.from_bits(0x80, real)  # bytes 0x80 0x00 ... 0x80
     if dtype.is_complex:
         odd = odd.to(dtype)
     grad = torch.cat([grad, odd, torch.full((1, 3), -0.0, dtype=dtype)])
@@ -127,7 +118,7 @@ def test_active_rows_wide_rows(dtype: torch.dtype, open_rows: str) -> None:
             row[-1] = 1.5
         elif kind == "-0 but a sign byte":
             row.fill_(-0.0)
-            row[width // 2] = _from_bits(0x80, real).to(dtype) if not dtype.is_complex else complex(_from_bits(0x80, real).item(), 0)
+            row[width // 2] = harness.from_bits(0x80, real).to(dtype) if not dtype.is_complex else complex(harness.from_bits(0x80, real).item(), 0)
         elif kind == "nan later":
             row[3] = float("nan")
         elif kind == "subnormal later":
@@ -231,13 +222,6 @@ def _row_grad(shape: tuple[int, ...], dtype: torch.dtype, kinds: list[str], gen:
         elif kind == "subnormal" and row.numel():
             row.view(-1)[-1] = torch.finfo(real).smallest_normal / 4
     return grad
-
-
-def _roundtrip(state_dict: dict[str, Any]) -> dict[str, Any]:
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 @settings(parent=settings.default)
@@ -372,7 +356,7 @@ def _rows_property(data: Any) -> None:
             harness.assert_state_equal(opt.state.get(p, {}), lazy_opt.state.get(q, {}), f"{what}: param {i}")
 
         if data.draw(st.booleans(), label="checkpoint"):
-            saved = _roundtrip(opt.state_dict())
+            saved = harness.roundtrip(opt.state_dict())
             torch_cls(build(), **kwargs).load_state_dict(saved)  # loads into torch
             opt = twin(params, **kwargs, lazy=True)  # the group's "lazy" comes from the checkpoint
             opt.load_state_dict(saved)
@@ -380,7 +364,7 @@ def _rows_property(data: Any) -> None:
             for p in params:
                 if ROW_STEP in opt.state.get(p, {}):
                     assert opt.state[p][ROW_STEP].dtype == torch.float32
-            lazy_state = _roundtrip(lazy_opt.state_dict())
+            lazy_state = harness.roundtrip(lazy_opt.state_dict())
             lazy_opt = twin(twin_params, **kwargs)
             lazy_opt.load_state_dict(lazy_state)
 
@@ -496,7 +480,7 @@ def test_state_dict_loads_into_torch_and_torch_continues() -> None:
         w.grad = torch.zeros_like(w)
         w.grad[rows] = 1
         opt.step()
-    saved = _roundtrip(opt.state_dict())
+    saved = harness.roundtrip(opt.state_dict())
     assert saved["state"][0][ROW_STEP].dtype == torch.float32
     q = nn.Parameter(w.detach().clone())
     ref = torch.optim.Adam([q], lr=0.1)

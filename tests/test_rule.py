@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import harness
 from safeopt._rule import nonzero_flags
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64]
@@ -80,13 +81,6 @@ def test_no_grads_no_work() -> None:
     assert nonzero_flags([]) == []
 
 
-def _from_bits(bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """One element of the real ``dtype`` with the given bit pattern."""
-    size = torch.empty((), dtype=dtype).element_size()
-    signed = bits - (1 << (8 * size)) if bits >> (8 * size - 1) else bits
-    return torch.tensor([signed], dtype={2: torch.int16, 4: torch.int32, 8: torch.int64}[size]).view(dtype)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 def test_values_made_of_sign_bytes(dtype: torch.dtype) -> None:
     """Nonzero values whose only set bits sit in one 0x80 byte (tiny subnormals or the smallest
@@ -99,6 +93,6 @@ def test_values_made_of_sign_bytes(dtype: torch.dtype) -> None:
         cases[f"0x80 at byte {k}"] = ([0, bits], True)
         cases[f"0x80 at byte {k} next to -0"] = ([0, neg_zero, bits], True)
         cases[f"-(0x80 at byte {k})"] = ([0, neg_zero | bits], True)
-    grads = [torch.cat([_from_bits(b, dtype) for b in bits]) for bits, _ in cases.values()]
+    grads = [torch.cat([harness.from_bits(b, dtype) for b in bits]) for bits, _ in cases.values()]
     assert all(g.view(torch.uint8).max().item() == 0x80 for g in grads)
     assert dict(zip(cases, nonzero_flags(grads))) == {name: flag for name, (_, flag) in cases.items()}
