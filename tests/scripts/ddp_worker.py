@@ -7,6 +7,7 @@ Writes, per step, whether the idle branch stayed bit-identical, and the final pa
 
 from __future__ import annotations
 
+import datetime
 import sys
 
 import torch
@@ -29,10 +30,22 @@ class TwoBranch(nn.Module):
 
 def main() -> None:
     rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A rank that dies leaves the other waiting in a collective: fail after a minute instead.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        run(rank, out, torch_optim=sys.argv[5:] == ["torch"])
+        # No rank tears down gloo while the other is still using it (a rank whose peer closed the
+        # connection first can abort in gloo's threads: "terminate called without an active exception").
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run(rank: int, out: str, torch_optim: bool) -> None:
     torch.manual_seed(0)
     model = DistributedDataParallel(TwoBranch(), find_unused_parameters=True)
-    opt_cls = torch.optim.Adam if sys.argv[5:] == ["torch"] else safeopt.Adam
+    opt_cls = torch.optim.Adam if torch_optim else safeopt.Adam
     opt = opt_cls(model.parameters(), lr=0.05, weight_decay=0.1)
     stayed = []
     for step in range(6):
@@ -45,7 +58,6 @@ def main() -> None:
         stayed.append(all(torch.equal(p, b) for p, b in zip(getattr(model.module, idle).parameters(), before)))
     torch.save({"stayed": stayed, "params": {k: v.detach().clone() for k, v in model.module.state_dict().items()},
                 "steps": {i: float(s["step"]) for i, s in enumerate(opt.state.values())}}, out)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
