@@ -1,9 +1,8 @@
-"""torch.distributed on CPU: FSDP2, DDP with branches split across ranks, DCP resume across processes.
+"""torch.distributed on CPU: FSDP2, DDP with alternating or split branches, DCP resume across processes.
 
 Each test starts two processes itself (gloo, loopback, a free port from a socket bound to port 0)
 running tests/scripts/dist_worker.py, waits with a timeout, and compares what the ranks wrote
-with torch.equal. Alternating branches under DDP and single-process DCP are in test_ddp.py and
-test_dcp.py.
+with torch.equal. Single-process DCP is in test_dcp.py.
 """
 
 from __future__ import annotations
@@ -188,6 +187,23 @@ def test_dtensor_zero_check_is_collective(tmp_path: Path) -> None:
 # --- DDP: each rank its own branch ------------------------------------------------------------------
 
 DDP_PLAN = [("left", "left"), ("left", "right"), ("right", "right"), ("right", "left"), ("left", "left")]
+
+
+def test_ddp_alternating_branches_torch_moves_the_idle_branch(tmp_path: Path) -> None:
+    for rank in launch("ddp_alternating", tmp_path, "torch"):
+        assert not all(rank["stayed"][1:]), rank["stayed"]  # torch.optim.Adam moves it from step 2 on
+
+
+def test_ddp_alternating_branches_find_unused_parameters(tmp_path: Path) -> None:
+    ranks = launch("ddp_alternating", tmp_path, "safeopt")
+    for rank in ranks:
+        assert rank["stayed"] == [True] * 6, rank["stayed"]
+    first = ranks[0]
+    for other in ranks[1:]:
+        for key, value in first["params"].items():
+            assert torch.equal(value, other["params"][key]), key
+        assert first["steps"] == other["steps"]
+    assert sorted(first["steps"]) == [3.0, 3.0, 3.0, 3.0]  # each branch took part in 3 of 6 steps
 
 
 def test_ddp_decides_on_the_all_reduced_grads(tmp_path: Path) -> None:

@@ -9,6 +9,10 @@ Scenarios:
                with the zero-gradient layer frozen, from the same start. An embedding whose
                rows in use all live on rank 0's shard, a dense layer and a layer whose whole
                gradient is zero (scaled by 0 in the loss).
+  ddp_alternating OPTIMIZER
+               DDP with find_unused_parameters=True and zero_grad(set_to_none=False), the two
+               branches used in turn by both ranks, each rank with its own data; OPTIMIZER is
+               "safeopt" or "torch" (safeopt.Adam or torch.optim.Adam).
   ddp_split    DDP with find_unused_parameters=True: in some steps rank 0 uses one branch and
                rank 1 the other, in others both ranks use the same one.
   dcp_first    FSDP2 + safeopt.AdamW: six steps uninterrupted (saved), then a fresh run of
@@ -109,6 +113,30 @@ class TwoBranch(nn.Module):
 
     def forward(self, x: Tensor, branch: str) -> Tensor:
         return getattr(self, branch)(x)
+
+
+def ddp_alternating(rank: int, optimizer: str) -> dict[str, Any]:
+    """Per step, whether the idle branch stayed bit-identical; the final parameters and steps."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(TwoBranch(), find_unused_parameters=True)
+    opt_cls = {"torch": torch.optim.Adam, "safeopt": safeopt.Adam}[optimizer]
+    opt = opt_cls(ddp.parameters(), lr=0.05, weight_decay=0.1)
+    stayed = []
+    for step in range(6):
+        branch, idle = ("left", "right") if step % 2 == 0 else ("right", "left")
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(100 * step + rank))
+        opt.zero_grad(set_to_none=False)
+        ddp(x, branch).pow(2).mean().backward()
+        before = [p.detach().clone() for p in getattr(ddp.module, idle).parameters()]
+        opt.step()
+        stayed.append(all(torch.equal(p, b) for p, b in zip(getattr(ddp.module, idle).parameters(), before)))
+    return {
+        "stayed": stayed,
+        "params": {k: v.detach().clone() for k, v in ddp.module.state_dict().items()},
+        "steps": [float(s["step"]) for s in opt.state.values()],
+    }
 
 
 # Per step, the branch each rank uses: "split" steps give each rank a different one.
@@ -247,6 +275,8 @@ def main() -> None:
     try:
         if scenario == "fsdp":
             result = fsdp(rank)
+        elif scenario == "ddp_alternating":
+            result = ddp_alternating(rank, sys.argv[3])
         elif scenario == "ddp_split":
             result = ddp_split(rank)
         elif scenario == "dcp_first":
@@ -258,6 +288,8 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown scenario {scenario!r}")
         torch.save(result, os.path.join(out_dir, f"{scenario}-rank{rank}.pt"))
+        # No rank tears gloo down while another still talks to it (a rank whose peer hung up first
+        # can abort in gloo's threads at exit: "terminate called without an active exception").
         dist.barrier()
     finally:
         dist.destroy_process_group()
