@@ -7,7 +7,6 @@ behaviour when a torch release changes it.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -31,9 +30,19 @@ def unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
     return step
 
 
-@functools.cache
+# By optimizer class. A plain dict rather than functools.cache: torch.compile traces
+# allocate_state, and dynamo warns about (and ignores) lru_cache wrappers it meets.
+_ARITY: dict[type, int | None] = {}
+
+
 def _init_group_arity(cls: type) -> int | None:
     """How many output lists ``cls._init_group(self, group, ...)`` takes, or None."""
+    if cls not in _ARITY:
+        _ARITY[cls] = _signature_arity(cls)
+    return _ARITY[cls]
+
+
+def _signature_arity(cls: type) -> int | None:
     init = getattr(cls, "_init_group", None)
     if init is None:
         return None
@@ -59,7 +68,7 @@ def allocate_state(
     a compatible ``_init_group`` keeps no state for an idle parameter until its
     first real update.
     """
-    arity = _init_group_arity(type(optimizer))  # type: ignore[arg-type]  # classes hash
+    arity = _init_group_arity(type(optimizer))
     if not params or arity is None:
         return
     view = dict(group)
