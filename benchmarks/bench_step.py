@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -41,14 +42,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import os
-
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the memory profiler is chatty otherwise
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import safeopt  # noqa: E402
+import safeopt
 
 
 # --------------------------------------------------------------------------- workloads
@@ -402,7 +401,7 @@ def plot_rows(rows: list[Row], path: Path) -> bool:
     plt = _pyplot()
     if plt is None:
         return False
-    import matplotlib.ticker as ticker
+    from matplotlib import ticker
 
     workloads = list(dict.fromkeys(r.workload for r in rows))
     fig, axes = plt.subplots(1, len(workloads), figsize=(4.2 * len(workloads), 3.2), squeeze=False)
@@ -439,8 +438,10 @@ def plot_rows(rows: list[Row], path: Path) -> bool:
 
 def rows_markdown(rows: list[Row], meta: dict) -> str:
     lines = [
-        f"Measured {meta['date']} on {meta['machine']}; torch {meta['torch']}; {meta['rounds']} rounds. "
-        "safeopt with lazy=\"rows\" against torch's dense step, same implementation.",
+        (
+            f"Measured {meta['date']} on {meta['machine']}; torch {meta['torch']}; {meta['rounds']} rounds. "
+            "safeopt with lazy=\"rows\" against torch's dense step, same implementation."
+        ),
         "",
         "| device | workload | optimizer | impl | rows active | torch ms | safeopt ms | ratio | extra MB torch | extra MB safeopt |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from safeopt._rule import FROZEN, FROZEN_PARAMS
 
-__all__ = ["Target", "FreezeAPI"]
+__all__ = ["FreezeAPI", "Target"]
 
 #: What freeze(), unfreeze(), is_frozen() and frozen() accept.
 Target = Union[int, str, dict[str, Any], Tensor, nn.Module, Iterable[Tensor]]

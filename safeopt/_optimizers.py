@@ -11,7 +11,7 @@ import torch
 from safeopt._doc import lazy_twin_doc, lazy_twin_signature
 from safeopt._lazy import LazyOptimizer
 
-__all__ = ["Adam", "AdamW", "SGD"]
+__all__ = ["SGD", "Adam", "AdamW"]
 
 
 class Adam(LazyOptimizer, torch.optim.Adam):

@@ -136,8 +136,8 @@ def bit_equal(a: Any, b: Any) -> bool:
 
 def assert_state_equal(a: dict[str, Any], b: dict[str, Any], what: str) -> None:
     assert set(a) == set(b), f"{what}: state keys {sorted(a)} != {sorted(b)}"
-    for key in a:
-        assert bit_equal(a[key], b[key]), f"{what}: state[{key!r}] differs: {a[key]} vs {b[key]}"
+    for key, value in a.items():
+        assert bit_equal(value, b[key]), f"{what}: state[{key!r}] differs: {value} vs {b[key]}"
 
 
 def assert_unchanged(before: Sequence[tuple[Tensor, Tensor | None, dict[str, Any]]], opt: torch.optim.Optimizer,

@@ -21,7 +21,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 @pytest.fixture(scope="module")
-def bench():  # noqa: ANN201 - a module
+def bench():
     spec = importlib.util.spec_from_file_location("bench_step", ROOT / "benchmarks" / "bench_step.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -34,7 +34,7 @@ def bench():  # noqa: ANN201 - a module
 
 
 @pytest.mark.parametrize("how", ["zero grads", "freeze"])
-def test_measure_runs_both_optimizers_and_releases_the_grads(bench, how: str) -> None:  # noqa: ANN001
+def test_measure_runs_both_optimizers_and_releases_the_grads(bench, how: str) -> None:
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(100)) for _ in range(4)]
     idle = bench._inactive(params, 0.5)
@@ -45,7 +45,7 @@ def test_measure_runs_both_optimizers_and_releases_the_grads(bench, how: str) ->
     assert all(p.grad is None for p in params)  # grads released after measuring
 
 
-def test_committed_tables_are_generated_from_the_committed_json(bench, tmp_path: Path) -> None:  # noqa: ANN001
+def test_committed_tables_are_generated_from_the_committed_json(bench, tmp_path: Path) -> None:
     out = tmp_path / "results"
     shutil.copytree(RESULTS, out)
     assert bench.main(["--replot", "--out", str(out)]) == 0

@@ -23,7 +23,7 @@ def test_public_name_has_a_docstring_and_an_api_entry(name: str) -> None:
     obj = getattr(safeopt, name)
     if name != "Target":  # a type alias: documented in docs/api.md only
         assert (obj.__doc__ or "").strip(), f"safeopt.{name} has no docstring"
-    assert re.search(rf"^## safeopt\.{name}\b", API, re.M), f"docs/api.md has no '## safeopt.{name}' section"
+    assert re.search(rf"^## safeopt\.{name}\b", API, re.MULTILINE), f"docs/api.md has no '## safeopt.{name}' section"
 
 
 @pytest.mark.parametrize("method", FREEZE_API)
@@ -33,7 +33,7 @@ def test_freeze_api_is_documented(method: str) -> None:
 
 
 def test_readme_ghost_update_and_fix_print_what_they_say() -> None:
-    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    blocks = re.findall(r"```python\n(.*?)```", README, re.DOTALL)
     namespace: dict[str, object] = {}
     printed = []
     for block in blocks[:2]:

@@ -14,7 +14,7 @@ import safeopt
 ERRORS = cases.error_cases()
 
 
-def _outcome(cls: type, err) -> tuple[type, str]:  # noqa: ANN001
+def _outcome(cls: type, err) -> tuple[type, str]:
     inp = err.optimizer_error_input
     params = inp.params if inp.params is not None else [torch.nn.Parameter(torch.zeros(2))]
     with warnings.catch_warnings():
@@ -32,7 +32,7 @@ def _id(case: tuple[type, object]) -> str:
 
 
 @pytest.mark.parametrize("torch_cls, err", ERRORS, ids=[_id(c) for c in ERRORS])
-def test_construction_errors_are_torchs(torch_cls: type, err) -> None:  # noqa: ANN001
+def test_construction_errors_are_torchs(torch_cls: type, err) -> None:
     expected = _outcome(torch_cls, err)
     got = _outcome(cases.TWINS[torch_cls], err)
     assert issubclass(expected[0], err.error_type) and re.search(err.error_regex, expected[1])
@@ -55,7 +55,7 @@ def test_a_failing_step_restores_the_param_groups_and_grads(monkeypatch: pytest.
     ga, gb = torch.zeros(2), torch.ones(2)
     a.grad, b.grad = ga, gb
 
-    def boom(*_):  # noqa: ANN002, ANN202
+    def boom(*_):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(torch.optim.SGD, "step", boom)

@@ -19,7 +19,7 @@ class TwoBranch(nn.Module):
         self.b = nn.Linear(3, 3)
 
 
-def make(**kwargs):  # noqa: ANN201
+def make(**kwargs):
     model = TwoBranch()
     opt = safeopt.Adam(
         [{"params": model.a.parameters(), "name": "a"}, {"params": model.b.parameters(), "name": "b"}],
@@ -38,7 +38,7 @@ def flags(opt: torch.optim.Optimizer) -> list[tuple[bool, list[int]]]:
     [1, -1, "b", lambda m, o: o.param_groups[1]],
     ids=["index", "negative index", "name", "dict"],
 )
-def test_group_targets_freeze_the_group(target) -> None:  # noqa: ANN001
+def test_group_targets_freeze_the_group(target) -> None:
     model, opt = make()
     target = target(model, opt) if callable(target) else target
     opt.freeze(target)
@@ -54,7 +54,7 @@ def test_group_targets_freeze_the_group(target) -> None:  # noqa: ANN001
     [lambda m: m.b.weight, lambda m: m.b, lambda m: [m.b.weight, m.a.bias], lambda m: (p for p in [m.b.weight])],
     ids=["parameter", "module", "list", "generator"],
 )
-def test_parameter_targets_freeze_those_parameters(target) -> None:  # noqa: ANN001
+def test_parameter_targets_freeze_those_parameters(target) -> None:
     model, opt = make()
     opt.freeze(target(model))
     chosen = target(model)
@@ -92,11 +92,10 @@ def test_group_and_parameter_flags_are_independent() -> None:
 def test_frozen_context_restores_previous_flags_even_on_error() -> None:
     model, opt = make()
     opt.freeze(model.a.weight)
-    with pytest.raises(RuntimeError, match="boom"):
-        with opt.frozen(model.a):
-            assert opt.is_frozen(model.a)
-            opt.freeze("b")  # made inside the block: kept, the block only restores what it froze
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), opt.frozen(model.a):
+        assert opt.is_frozen(model.a)
+        opt.freeze("b")  # made inside the block: kept, the block only restores what it froze
+        raise RuntimeError("boom")
     assert opt.is_frozen(model.a.weight) and not opt.is_frozen(model.a.bias)
     assert opt.is_frozen("b")
     with opt.frozen("a"):
@@ -117,7 +116,7 @@ def test_frozen_group_skips_its_parameters_in_step() -> None:
 
 
 def test_add_param_group_accepts_frozen_and_lazy() -> None:
-    model, opt = make()
+    _, opt = make()
     extra = nn.Parameter(torch.ones(2))
     opt.add_param_group({"params": [extra], "frozen": True, "lazy": False, "name": "extra"})
     assert opt.is_frozen("extra") and opt.param_groups[-1]["lazy"] is False
@@ -146,7 +145,7 @@ def test_add_param_group_accepts_frozen_and_lazy() -> None:
     ],
 )
 @pytest.mark.parametrize("method", ["freeze", "unfreeze", "is_frozen", "frozen"])
-def test_bad_targets_raise_naming_them_and_change_nothing(target, error, message, method) -> None:  # noqa: ANN001
+def test_bad_targets_raise_naming_them_and_change_nothing(target, error, message, method) -> None:
     model, opt = make()
     opt.freeze(model.a.weight)
     before = flags(opt)
@@ -170,7 +169,7 @@ def test_partly_held_iterable_changes_nothing() -> None:
 def test_lazy_must_be_a_bool() -> None:
     with pytest.raises(ValueError, match="Invalid lazy value: 'yes'; expected True, False or \"rows\""):
         safeopt.Adam([nn.Parameter(torch.zeros(1))], lazy="yes")
-    model, opt = make()
+    _, opt = make()
     n = len(opt.param_groups)
     with pytest.raises(ValueError, match="Invalid lazy value: 1; expected True, False or \"rows\""):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lazy": 1})

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from test_clients import optional
 from test_distributed import WORLD, free_port
 

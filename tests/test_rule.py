@@ -20,7 +20,7 @@ def tiny(dtype: torch.dtype) -> float:
 def test_zero_kinds_are_zero_and_everything_else_is_not(dtype: torch.dtype, where: int) -> None:
     """The value sits where the CPU probe looks (first) and where only the full check sees it."""
 
-    def with_last(value: complex | float) -> torch.Tensor:
+    def with_last(value: complex) -> torch.Tensor:
         t = torch.zeros(5, dtype=dtype)
         t[where] = value
         return t

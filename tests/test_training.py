@@ -61,7 +61,7 @@ def test_gradient_accumulation_matches_torch(cls: type) -> None:
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
 
 
-def schedulers(opt: torch.optim.Optimizer) -> list:  # noqa: ANN201
+def schedulers(opt: torch.optim.Optimizer) -> list:
     return [
         torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
         torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=6),

@@ -17,12 +17,12 @@ class DecayEverything(torch.optim.Optimizer):
     """A third-party style optimizer that decays every parameter it saw at construction,
     grad or not, and keeps its own list of them: the case ``strict=True`` is for."""
 
-    def __init__(self, params, lr: float = 0.1, decay: float = 0.5) -> None:  # noqa: ANN001
+    def __init__(self, params, lr: float = 0.1, decay: float = 0.5) -> None:
         super().__init__(params, {"lr": lr, "decay": decay})
         self.everything = [p for g in self.param_groups for p in g["params"]]
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001, ANN201
+    def step(self, closure=None):
         for p in self.everything:
             p.mul_(1 - self.defaults["decay"])
             state = self.state[p]
@@ -30,7 +30,6 @@ class DecayEverything(torch.optim.Optimizer):
             if p.grad is not None:
                 p.add_(p.grad, alpha=-self.defaults["lr"])
                 p.grad.mul_(2)  # rude: changes the caller's grad
-        return None
 
 
 def test_wrapper_is_an_optimizer_sharing_groups_and_state() -> None:
@@ -103,7 +102,7 @@ def test_closure_runs_once_before_the_decision() -> None:
         (object(), TypeError, "wrap\\(\\) takes a torch.optim.Optimizer, got object"),
     ],
 )
-def test_wrap_refuses_what_it_cannot_serve(target, error, message) -> None:  # noqa: ANN001
+def test_wrap_refuses_what_it_cannot_serve(target, error, message) -> None:
     with pytest.raises(error, match=message):
         safeopt.wrap(target)
 
@@ -115,7 +114,7 @@ def test_wrapping_twice_is_refused() -> None:
 
 
 def test_strict_restores_what_an_unusual_optimizer_touches() -> None:
-    def setup(strict: bool):  # noqa: ANN202
+    def setup(strict: bool):
         a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
         ga, gb = torch.ones(2), torch.zeros(2)
         a.grad, b.grad = ga, gb
@@ -125,7 +124,7 @@ def test_strict_restores_what_an_unusual_optimizer_touches() -> None:
     loose.step()
     assert not torch.equal(b, torch.ones(2)), "the optimizer reaches b anyway: strict is needed"
 
-    strict, a, b, ga, gb = setup(strict=True)
+    strict, a, b, _, gb = setup(strict=True)
     assert strict.strict
     strict.step()
     assert torch.equal(b, torch.ones(2)) and b.grad is gb and torch.equal(gb, torch.zeros(2))
