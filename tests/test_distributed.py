@@ -34,23 +34,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def rank_env(rank: int, port: int) -> dict[str, str]:
+    """The environment torchrun would give ``rank`` of WORLD on loopback, safeopt importable."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(WORLD),
+        "LOCAL_WORLD_SIZE": str(WORLD),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
 def launch(scenario: str, out: Path, *extra: str) -> list[dict[str, Any]]:
     """Run ``scenario`` on WORLD ranks; return what each rank saved, in rank order."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs = []
     for rank in range(WORLD):
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(WORLD),
-            "LOCAL_WORLD_SIZE": str(WORLD),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
+        env = rank_env(rank, port)
         log = open(out / f"{scenario}-rank{rank}.log", "w")  # noqa: SIM115 - closed below
         procs.append(
             (

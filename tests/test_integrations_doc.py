@@ -6,7 +6,6 @@ temporary directory) or ``<!-- recipe: torchrun -->`` (run on two gloo ranks, as
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from test_clients import optional
-from test_distributed import WORLD, free_port
+from test_distributed import WORLD, free_port, rank_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "integrations.md").read_text()
@@ -60,29 +59,17 @@ def test_recipe_runs(
     script = tmp_path / "recipe.py"
     script.write_text(code)
     port = free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(WORLD),
-            "LOCAL_WORLD_SIZE": str(WORLD),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(script)],
-                cwd=tmp_path,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            cwd=tmp_path,
+            env=rank_env(rank, port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
+        for rank in range(WORLD)
+    ]
     outputs = []
     try:
         for proc in procs:
