@@ -214,19 +214,34 @@ def _progress(items: list, desc: str) -> Iterator:
     yield from tqdm(items, desc=desc)
 
 
-def markdown(rows: list[Row], meta: dict) -> str:
-    lines = [
-        f"Measured {meta['date']} on {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads.",
-        "",
-        "| device | workload | optimizer | impl | inactive by | active | torch ms | safeopt ms | ratio | extra MB torch | extra MB safeopt |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.device} | {r.workload} | {r.optimizer} | {r.impl} | {r.how} | {r.active:.0%} | "
-            f"{r.torch_ms:.3f} | {r.safeopt_ms:.3f} | **{r.ratio:.2f}** | {r.extra_mb_torch:.1f} | {r.extra_mb_safeopt:.1f} |"
-        )
+def _table(intro: str, header: list[str], cells: Iterator[list[str]]) -> str:
+    """A paragraph, then a markdown table with ``header`` and one row per item of ``cells``."""
+    lines = [intro, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines) + "\n"
+
+
+def _shared_cells(r: Row, ms: str) -> tuple[list[str], list[str]]:
+    """The cells both tables have: who stepped what, then the times, ratio and memory."""
+    timing = [f"{r.torch_ms:{ms}}", f"{r.safeopt_ms:{ms}}", f"**{r.ratio:.2f}**",
+              f"{r.extra_mb_torch:.1f}", f"{r.extra_mb_safeopt:.1f}"]
+    return [r.device, r.workload, r.optimizer, r.impl], timing
+
+
+TIMING_HEADER = ["torch ms", "safeopt ms", "ratio", "extra MB torch", "extra MB safeopt"]
+
+
+def markdown(rows: list[Row], meta: dict) -> str:
+    def cells() -> Iterator[list[str]]:
+        for r in rows:
+            who, timing = _shared_cells(r, ".3f")
+            yield [*who, r.how, f"{r.active:.0%}", *timing]
+
+    return _table(
+        f"Measured {meta['date']} on {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads.",
+        ["device", "workload", "optimizer", "impl", "inactive by", "active", *TIMING_HEADER],
+        cells(),
+    )
 
 
 def _pyplot() -> Any:
@@ -437,21 +452,17 @@ def plot_rows(rows: list[Row], path: Path) -> bool:
 
 
 def rows_markdown(rows: list[Row], meta: dict) -> str:
-    lines = [
-        (
-            f"Measured {meta['date']} on {meta['machine']}; torch {meta['torch']}; {meta['rounds']} rounds. "
-            "safeopt with lazy=\"rows\" against torch's dense step, same implementation."
-        ),
-        "",
-        "| device | workload | optimizer | impl | rows active | torch ms | safeopt ms | ratio | extra MB torch | extra MB safeopt |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.device} | {r.workload} | {r.optimizer} | {r.impl} | {r.active:.1%} | {r.torch_ms:.2f} | "
-            f"{r.safeopt_ms:.2f} | **{r.ratio:.2f}** | {r.extra_mb_torch:.1f} | {r.extra_mb_safeopt:.1f} |"
-        )
-    return "\n".join(lines) + "\n"
+    def cells() -> Iterator[list[str]]:
+        for r in rows:
+            who, timing = _shared_cells(r, ".2f")
+            yield [*who, f"{r.active:.1%}", *timing]
+
+    return _table(
+        f"Measured {meta['date']} on {meta['machine']}; torch {meta['torch']}; {meta['rounds']} rounds. "
+        "safeopt with lazy=\"rows\" against torch's dense step, same implementation.",
+        ["device", "workload", "optimizer", "impl", "rows active", *TIMING_HEADER],
+        cells(),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
