@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from safeopt import _rows, _rule
+from safeopt import _capturable, _rows, _rule
 from safeopt._freeze import FreezeAPI
 from safeopt._torch_compat import allocate_state, batches, unhooked, writes_into_grads
 
@@ -39,6 +39,10 @@ def lazy_step(
 
     groups = optimizer.param_groups
     _rows.check(optimizer, groups, twin=isinstance(optimizer, LazyOptimizer))
+    on_device = _capturable.plan(optimizer, groups, strict=before is not None)
+    if on_device is not None:  # capturable or capturing: no host read
+        _capturable.step(optimizer, step, on_device)
+        return loss
     with torch.no_grad():
         plans = _rule.plan_step(groups)
     for group, plan in zip(groups, plans):

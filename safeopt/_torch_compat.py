@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["allocate_state", "batches", "unhooked", "writes_into_grads"]
+__all__ = ["allocate_state", "batches", "skips_by_found_inf", "unhooked", "writes_into_grads"]
 
 
 def unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -116,3 +116,16 @@ def batches(optimizer: torch.optim.Optimizer, group: dict[str, Any], active: lis
     if not started or len(started) == len(active):
         return [active]
     return [started, [p for p in active if id(p) not in with_buffer]]
+
+
+def skips_by_found_inf(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
+    """Whether torch's step for this group skips its whole update on the device when the
+    optimizer's ``found_inf`` attribute is a tensor holding 1.
+
+    GradScaler's protocol for fused optimizers: torch's fused Adam, AdamW and SGD read
+    ``found_inf`` (and ``grad_scale``) from the optimizer, their kernels return before touching
+    anything when it is 1, and Adam's ``step`` count, incremented before the kernel, is
+    decremented by it. ``tests/test_torch_compat.py`` checks that a call with 1 changes
+    nothing and a call with 0 equals a call without it.
+    """
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)) and bool(group.get("fused"))
