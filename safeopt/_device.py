@@ -75,7 +75,7 @@ def probe(grads: Sequence[Tensor]) -> list[Tensor]:
     """
     firsts = [g[(0,) * g.dim()] for g in grads]
     out: list[Tensor | None] = [None] * len(grads)
-    for _, members in _by_kind(firsts).items():
+    for members in _by_kind(firsts).values():
         flags = torch.stack([firsts[i] for i in members]).ne(0)
         for i, flag in zip(members, flags.unbind()):
             out[i] = flag

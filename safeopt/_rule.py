@@ -212,9 +212,8 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
     result: list[GroupPlan] = []
     unsure: list[tuple[int, int, Tensor, Tensor]] = []  # (group, position, param, grad)
     by_rows: list[tuple[int, Tensor, Tensor]] = []  # (group, param, grad)
-    probe_of, strided = _PROBE.get, torch.strided
-    if FORCE_DEVICE:
-        probe_of = {}.get
+    probes, strided = ({} if FORCE_DEVICE else _PROBE), torch.strided
+    probe_of = probes.get
     for group in param_groups:
         plan = GroupPlan([], [], [])
         result.append(plan)
