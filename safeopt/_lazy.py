@@ -43,12 +43,14 @@ def lazy_step(
     if on_device is not None:  # capturable or capturing: no host read
         _capturable.step(optimizer, step, on_device)
         return loss
-    with torch.no_grad():
-        plans = _rule.plan_step(groups)
+    plans = _rule.plan_step(groups)
     for group, plan in zip(groups, plans):
-        allocate_state(optimizer, group, [p for p in plan.idle_with_grad if not optimizer.state.get(p)])
+        if plan.idle_with_grad:
+            allocate_state(optimizer, group, [p for p in plan.idle_with_grad if not optimizer.state.get(p)])
     by_rows = _rows.RowSteps()
-    buckets = by_rows.prepare(optimizer, groups, plans)  # lazy="rows": views or gathered rows
+    buckets: list[list[torch.Tensor]] = [[] for _ in groups]
+    if any(group[_rule.LAZY] == _rows.ROWS for group in groups):
+        buckets = by_rows.prepare(optimizer, groups, plans)  # lazy="rows": views or gathered rows
 
     guarded: list[tuple[torch.Tensor, torch.Tensor]] = [
         (p, p.grad)  # type: ignore[misc]  # every active parameter has a grad
@@ -81,7 +83,8 @@ def lazy_step(
         for p, grad in guarded:
             p.grad = grad
         try:
-            by_rows.finish(stepped)
+            if by_rows.jobs:
+                by_rows.finish(stepped)
         finally:
             if after is not None:
                 after()

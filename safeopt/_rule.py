@@ -250,14 +250,17 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
             active.append(p)
     late: set[int] = set()
     if unsure:
-        for (gi, _, p, _), flag in zip(unsure, _full_flags([u[3] for u in unsure])):
+        with torch.no_grad():
+            flags = _full_flags([u[3] for u in unsure])
+        for (gi, _, p, _), flag in zip(unsure, flags):
             if flag:
                 result[gi].active.append(p)
                 late.add(gi)
             else:
                 result[gi].idle_with_grad.append(p)
     for gi, p, grad in by_rows:
-        rows_active = active_rows(grad)
+        with torch.no_grad():
+            rows_active = active_rows(grad)
         if not rows_active.numel():
             result[gi].idle_with_grad.append(p)
         elif rows_active.numel() == grad.shape[0]:
