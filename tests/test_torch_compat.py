@@ -31,7 +31,7 @@ def test_step_hooks_run_once_even_when_torch_class_is_hooked() -> None:
     assert calls == ["global", "pre", "post"]
 
 
-@pytest.mark.parametrize("case", [c for c in cases.cases() if c.impl in ("forloop", "fused")], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", cases.params(where=lambda c: c.impl in ("forloop", "fused")))
 def test_allocated_state_is_what_torch_allocates(case: cases.Case) -> None:
     """Keys, dtypes, devices and shapes as after torch's own first step; values untouched by it."""
     (p,) = harness.make_params([(3, 2)])
@@ -52,7 +52,7 @@ def test_allocated_state_is_what_torch_allocates(case: cases.Case) -> None:
     harness.assert_fresh(mine, p, case.id)
 
 
-@pytest.mark.parametrize("case", [c for c in cases.cases(twins_only=True) if c.torch_cls is torch.optim.SGD], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", cases.params(twins_only=True, where=lambda c: c.torch_cls is torch.optim.SGD))
 def test_writes_into_grads_predicts_torch(case: cases.Case) -> None:
     """The predicate is True exactly when torch's step would change the caller's grads."""
     params = harness.make_params([(4,), (2, 2)], requires_grad=case.impl != "differentiable")
