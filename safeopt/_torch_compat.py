@@ -64,7 +64,7 @@ def _init_group_args(group: dict[str, Any], outputs: tuple[str, ...]) -> list[An
     return [group[name] if name in _GROUP_OPTION_ARGS and name in group else [] for name in outputs]
 
 
-_GROUP_OPTION_ARGS = frozenset({"amsgrad"})
+_GROUP_OPTION_ARGS = frozenset({"amsgrad"})  # tests/test_torch_compat.py checks no other option appears
 
 
 def allocate_state(
