@@ -26,7 +26,7 @@ def unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
     and ``functools.wraps`` keeps the original under ``__wrapped__``.
     """
     if getattr(step, "hooked", False):
-        return step.__wrapped__  # type: ignore[attr-defined,no-any-return]
+        return step.__wrapped__  # type: ignore[attr-defined,no-any-return]  # set by functools.wraps
     return step
 
 
@@ -86,7 +86,7 @@ def allocate_state(
     view = dict(group)
     view["params"] = params
     with torch.no_grad():
-        type(optimizer)._init_group(optimizer, view, *_init_group_args(view, outputs))  # type: ignore[attr-defined]
+        type(optimizer)._init_group(optimizer, view, *_init_group_args(view, outputs))  # type: ignore[attr-defined]  # private, per class
 
 
 def writes_into_grads(optimizer: torch.optim.Optimizer, group: dict[str, Any], params: list[torch.Tensor]) -> bool:
