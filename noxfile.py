@@ -47,14 +47,14 @@ DIST = ROOT / ".nox" / "_dist"
 def _install(session: nox.Session, torch: str) -> None:
     # torch first and pinned, so that nothing installed after it can swap in another release.
     session.install(f"torch=={torch}")
-    DIST.mkdir(parents=True, exist_ok=True)
-    for old in DIST.glob("*.whl"):
-        old.unlink()
-    session.run("python", "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(DIST), str(ROOT))
-    (wheel,) = DIST.glob("torch_safeopt-*.whl")
-    session.install("-c", str(ROOT / ".ci" / "constraints.txt"), f"{wheel}[test]", f"torch=={torch}")
+    wheels = str(DIST / f"torch-{torch}")
+    # run_install: skipped, like session.install, under --no-install (reused environment as it is).
+    session.run_install("python", "-c", f"import shutil; shutil.rmtree({wheels!r}, ignore_errors=True)")
+    session.run_install("python", "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", wheels, str(ROOT))
+    constraints = str(ROOT / ".ci" / "constraints.txt")
+    session.install("-c", constraints, "--find-links", wheels, "torch-safeopt[test]", f"torch=={torch}")
     # A reused environment may hold a wheel of the same version built from older code.
-    session.install("--force-reinstall", "--no-deps", str(wheel))
+    session.install("--force-reinstall", "--no-deps", "--no-index", "--find-links", wheels, "torch-safeopt")
 
 
 def _pytest(session: nox.Session, *args: str) -> None:

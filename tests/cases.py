@@ -114,11 +114,12 @@ def row_configs() -> list[tuple[type, dict[str, Any]]]:
     return [(cls, kwargs) for cls, kwargs in ROW_CONFIGS if torch_lacks(cls, kwargs) is None]
 
 
-# FSDP2 (fully_shard) on the CPU: torch 2.6's CPU stream has no record_event, which FSDP2 calls.
+# Why FSDP2 (fully_shard) cannot run on the CPU with the installed torch, or None: torch 2.6's
+# torch.cpu.Stream has no record_event, which FSDP2's all-gather calls.
 FSDP2_ON_CPU: str | None = (
     None
-    if hasattr(torch.Stream, "record_event")
-    else f"torch {TORCH}: FSDP2 does not run on the CPU (torch.Stream has no record_event)"
+    if hasattr(torch.cpu.Stream, "record_event")
+    else f"torch {TORCH}: FSDP2 does not run on the CPU (torch.cpu.Stream has no record_event)"
 )
 
 
