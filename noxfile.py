@@ -57,9 +57,10 @@ def _install(session: nox.Session, torch: str) -> None:
     session.install("--force-reinstall", "--no-deps", "--no-index", "--find-links", wheels, "torch-safeopt")
 
 
-def _pytest(session: nox.Session, *args: str) -> None:
+def _pytest(session: nox.Session, *args: str, ci: bool = True) -> None:
     # `pytest`, not `python -m pytest`: the latter would put the checkout's safeopt on sys.path.
-    env = {"CI": "true", "SAFEOPT_EXPECT_INSTALLED": "1"}
+    # CI=true also turns a missing optional client (lightning, transformers) into a failure.
+    env = {"CI": "true" if ci else "", "HYPOTHESIS_PROFILE": "ci", "SAFEOPT_EXPECT_INSTALLED": "1"}
     session.run("pytest", "-q", "-p", "no:cacheprovider", *args, *session.posargs, env=env)
 
 
@@ -76,4 +77,4 @@ def compat(session: nox.Session, torch: str) -> None:
 def tests(session: nox.Session, torch: str) -> None:
     """The whole suite on one torch (the optional Lightning / Hugging Face clients are skipped)."""
     _install(session, torch)
-    _pytest(session)
+    _pytest(session, "-rs", ci=False)
