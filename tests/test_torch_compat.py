@@ -21,6 +21,7 @@ from safeopt._torch_compat import (
     _init_group_outputs,
     allocate_state,
     batches,
+    skips_by_found_inf,
     unhooked,
     writes_into_grads,
 )
@@ -129,3 +130,38 @@ def test_fused_sgd_still_needs_batches() -> None:
         opt.step()  # if this passes, torch fixed it: batches() can go back to one batch
     assert batches(opt, opt.param_groups[0], [a, b]) == [[a], [b]]
     assert batches(opt, opt.param_groups[0], [a]) == [[a]]
+
+
+FOUND_INF_CASES = {
+    "Adam": (torch.optim.Adam, {"fused": True, "capturable": True, "amsgrad": True, "weight_decay": 0.1}),
+    "AdamW": (torch.optim.AdamW, {"fused": True, "weight_decay": 0.1}),
+    "SGD": (torch.optim.SGD, {"fused": True, "lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}),
+}
+
+
+@pytest.mark.parametrize("name", FOUND_INF_CASES)
+def test_fused_step_skips_a_call_whose_found_inf_is_one(name: str) -> None:
+    """skips_by_found_inf: the capturable step gives each parameter a torch call of its own with
+    ``optimizer.found_inf`` set. torch's fused kernels must skip the whole call at 1 (Adam's step
+    count back where it was), and a call at 0 must equal a call without found_inf, bit for bit."""
+    torch_cls, kwargs = FOUND_INF_CASES[name]
+
+    def stepped(found_inf: float | None) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.optim.Optimizer]:
+        p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+        opt = torch_cls([p], **kwargs)
+        assert skips_by_found_inf(opt, opt.param_groups[0]), f"torch {TORCH}: {name} fused lost found_inf"
+        p.grad = torch.tensor([0.5, 0.25, -1.0])
+        opt.step()  # state exists (SGD's momentum buffer too)
+        before = (p.detach().clone(), harness.clone_state(opt.state[p]))
+        if found_inf is not None:
+            opt.found_inf = torch.tensor(found_inf)  # type: ignore[attr-defined]
+        opt.step()
+        if found_inf == 1.0:
+            assert harness.bit_equal(p.detach(), before[0]), f"torch {TORCH}: found_inf=1 moved {name}'s param"
+            harness.assert_state_equal(opt.state[p], before[1], f"torch {TORCH}: {name} state with found_inf=1")
+        return p.detach().clone(), harness.clone_state(opt.state[p]), opt
+
+    stepped(1.0)
+    plain, zero = stepped(None), stepped(0.0)
+    assert harness.bit_equal(plain[0], zero[0]), f"torch {TORCH}: {name} with found_inf=0 differs"
+    harness.assert_state_equal(zero[1], plain[1], f"torch {TORCH}: {name} state with found_inf=0")
