@@ -29,7 +29,7 @@ SUPPORTED = ("2.6.0", "2.7.1", "2.8.0", "2.9.1", "2.10.0", "2.11.0", "2.12.1", "
 OLDEST, NEWEST = SUPPORTED[0], SUPPORTED[-1]
 
 # What a torch release can break: parity with torch over its optim_db, the seams with their
-# canaries, the property machines, checkpoints, torch's own errors, rows.
+# canaries, the property machines, checkpoints, torch's own errors, rows, the capturable step.
 COMPAT = [
     "tests/test_parity.py",
     "tests/test_torch_compat.py",
@@ -38,6 +38,7 @@ COMPAT = [
     "tests/test_errors.py",
     "tests/test_rows.py",
     "tests/test_rule.py",
+    "tests/test_capturable.py",
 ]
 
 ROOT = Path(__file__).parent
