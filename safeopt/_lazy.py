@@ -15,7 +15,7 @@ import torch
 
 from safeopt import _rows, _rule
 from safeopt._freeze import FreezeAPI
-from safeopt._torch_compat import allocate_state, batches, unhooked, writes_into_grads
+from safeopt._torch_compat import batches, unhooked, writes_into_grads
 
 __all__ = ["LazyOptimizer", "add_group", "lazy_step", "load_state"]
 
@@ -42,7 +42,7 @@ def lazy_step(
     with torch.no_grad():
         plans = _rule.plan_step(groups)
     for group, plan in zip(groups, plans):
-        allocate_state(optimizer, group, [p for p in plan.idle_with_grad if not optimizer.state.get(p)])
+        _rows.allocate_state(optimizer, group, [p for p in plan.idle_with_grad if not optimizer.state.get(p)])
     by_rows = _rows.RowSteps()
     buckets = by_rows.prepare(optimizer, groups, plans)  # lazy="rows": views or gathered rows
 

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from safeopt._rows import ROWS, active_rows
+from safeopt._rows import ROWS, touched_rows
 
 __all__ = ["FLAG_KEYS", "GroupPlan", "check_flags", "check_lazy", "fill_flags", "nonzero_flags", "plan_step"]
 
@@ -36,7 +36,9 @@ class GroupPlan(NamedTuple):
 
     active: list[Tensor]  # stepped by torch, in group order
     idle_with_grad: list[Tensor]  # inactive although their grad is not None
-    rows: list[tuple[Tensor, Tensor]]  # lazy="rows": (parameter, its active rows) when only some rows are
+    # lazy="rows": (parameter, its active rows, those rows of its grad densified when it is sparse,
+    # else None) when only some rows are, or the grad is sparse
+    rows: list[tuple[Tensor, Tensor, Tensor | None]]
 
 
 def _values(grad: Tensor) -> Tensor:
@@ -179,7 +181,7 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
     result: list[GroupPlan] = []
     unsure: list[tuple[int, int, Tensor, Tensor]] = []  # (group, position, param, grad)
     by_rows: list[tuple[int, Tensor, Tensor]] = []  # (group, param, grad)
-    probe_of, strided = _PROBE.get, torch.strided
+    probe_of, strided, sparse = _PROBE.get, torch.strided, torch.sparse_coo
     for group in param_groups:
         plan = GroupPlan([], [], [])
         result.append(plan)
@@ -198,7 +200,7 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
             if frozen_at and position in frozen_at:
                 idle.append(p)
                 continue
-            if rows and grad.dim() > 1 and grad.layout is strided and type(grad) is Tensor:
+            if rows and grad.dim() > 1 and (grad.layout is strided or grad.layout is sparse) and type(grad) is Tensor:
                 by_rows.append((len(result) - 1, p, grad))
                 continue
             if lazy:  # _surely_nonzero, inlined: this line runs for every parameter every step
@@ -223,14 +225,14 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
             else:
                 result[gi].idle_with_grad.append(p)
     for gi, p, grad in by_rows:
-        rows_active = active_rows(grad)
+        rows_active, grad_rows = touched_rows(grad)
         if not rows_active.numel():
             result[gi].idle_with_grad.append(p)
-        elif rows_active.numel() == grad.shape[0]:
+        elif rows_active.numel() == grad.shape[0] and grad_rows is None:
             result[gi].active.append(p)
             late.add(gi)
-        else:
-            result[gi].rows.append((p, rows_active))
+        else:  # a sparse grad goes to the rows path even when every row is active: torch never sees it
+            result[gi].rows.append((p, rows_active, grad_rows))
     if late:
         for gi in late:  # keep group order, as torch would visit them
             order = {id(p): i for i, p in enumerate(param_groups[gi]["params"])}
