@@ -15,7 +15,7 @@ import torch
 
 from safeopt import _capturable, _rows, _rule
 from safeopt._freeze import FreezeAPI
-from safeopt._torch_compat import allocate_state, batches, unhooked, writes_into_grads
+from safeopt._torch_compat import batches, unhooked, writes_into_grads
 
 __all__ = ["LazyOptimizer", "add_group", "lazy_step", "load_state"]
 
@@ -46,10 +46,11 @@ def lazy_step(
     plans = _rule.plan_step(groups)
     for group, plan in zip(groups, plans):
         if plan.idle_with_grad:
-            allocate_state(optimizer, group, [p for p in plan.idle_with_grad if not optimizer.state.get(p)])
+            _rows.allocate_state(optimizer, group, [p for p in plan.idle_with_grad if not optimizer.state.get(p)])
     by_rows = _rows.RowSteps()
     buckets: list[list[torch.Tensor]] = [[] for _ in groups]
-    if any(group[_rule.LAZY] == _rows.ROWS for group in groups):
+    rows = any(group[_rule.LAZY] == _rows.ROWS for group in groups)
+    if rows:
         buckets = by_rows.prepare(optimizer, groups, plans)  # lazy="rows": views or gathered rows
 
     guarded: list[tuple[torch.Tensor, torch.Tensor]] = [
@@ -83,7 +84,7 @@ def lazy_step(
         for p, grad in guarded:
             p.grad = grad
         try:
-            if by_rows.jobs:
+            if rows:
                 by_rows.finish(stepped)
         finally:
             if after is not None:

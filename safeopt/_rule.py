@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from safeopt import _device
-from safeopt._rows import ROWS, active_rows
+from safeopt._rows import ROWS, touched_rows
 
 __all__ = ["FLAG_KEYS", "GroupPlan", "check_flags", "check_lazy", "fill_flags", "nonzero_flags", "plan_step"]
 
@@ -43,7 +43,9 @@ class GroupPlan(NamedTuple):
 
     active: list[Tensor]  # stepped by torch, in group order
     idle_with_grad: list[Tensor]  # inactive although their grad is not None
-    rows: list[tuple[Tensor, Tensor]]  # lazy="rows": (parameter, its active rows) when only some rows are
+    # lazy="rows": (parameter, its active rows, those rows of its grad densified when it is sparse,
+    # else None) when only some rows are, or the grad is sparse
+    rows: list[tuple[Tensor, Tensor, Tensor | None]]
 
 
 def _values(grad: Tensor) -> Tensor:
@@ -212,7 +214,7 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
     result: list[GroupPlan] = []
     unsure: list[tuple[int, int, Tensor, Tensor]] = []  # (group, position, param, grad)
     by_rows: list[tuple[int, Tensor, Tensor]] = []  # (group, param, grad)
-    probes, strided = ({} if FORCE_DEVICE else _PROBE), torch.strided
+    probes, strided, sparse = ({} if FORCE_DEVICE else _PROBE), torch.strided, torch.sparse_coo
     probe_of = probes.get
     for group in param_groups:
         plan = GroupPlan([], [], [])
@@ -232,7 +234,7 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
             if frozen_at and position in frozen_at:
                 idle.append(p)
                 continue
-            if rows and grad.dim() > 1 and grad.layout is strided and type(grad) is Tensor:
+            if rows and grad.dim() > 1 and (grad.layout is strided or grad.layout is sparse) and type(grad) is Tensor:
                 by_rows.append((len(result) - 1, p, grad))
                 continue
             if lazy:  # _surely_nonzero, inlined: this line runs for every parameter every step
@@ -260,14 +262,14 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
                 result[gi].idle_with_grad.append(p)
     for gi, p, grad in by_rows:
         with torch.no_grad():
-            rows_active = active_rows(grad)
+            rows_active, grad_rows = touched_rows(grad)
         if not rows_active.numel():
             result[gi].idle_with_grad.append(p)
-        elif rows_active.numel() == grad.shape[0]:
+        elif rows_active.numel() == grad.shape[0] and grad_rows is None:
             result[gi].active.append(p)
             late.add(gi)
-        else:
-            result[gi].rows.append((p, rows_active))
+        else:  # a sparse grad goes to the rows path even when every row is active: torch never sees it
+            result[gi].rows.append((p, rows_active, grad_rows))
     if late:
         for gi in late:  # keep group order, as torch would visit them
             order = {id(p): i for i, p in enumerate(param_groups[gi]["params"])}
