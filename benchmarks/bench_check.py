@@ -37,13 +37,21 @@ ROWS = {
 
 
 def _time(stmt: str, g: torch.Tensor, sub_label: str, description: str) -> Measurement:
-    timer = Timer(stmt, globals={"g": g, "torch": torch}, label="zero check of an all-zero float32 grad",
-                  sub_label=sub_label, description=description, num_threads=torch.get_num_threads())
+    timer = Timer(
+        stmt,
+        globals={"g": g, "torch": torch},
+        label="zero check of an all-zero float32 grad",
+        sub_label=sub_label,
+        description=description,
+        num_threads=torch.get_num_threads(),
+    )
     return timer.blocked_autorange(min_run_time=0.5)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", action="store_true", help='the per-row checks of lazy="rows"')
     args = parser.parse_args(argv)
     results = []

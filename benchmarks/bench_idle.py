@@ -43,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
                         label = f"{workload}, {device}"
                         print(f"{label}: {name} {impl}, {idle_by}", file=sys.stderr)
                         result = safeopt.bench(
-                            params, catalogue.optimizer(name, impl), idle=(0.5,) if args.quick else IDLE,
-                            idle_by=idle_by, label=label, **options,
+                            params,
+                            catalogue.optimizer(name, impl),
+                            idle=(0.5,) if args.quick else IDLE,
+                            idle_by=idle_by,
+                            label=label,
+                            **options,
                         )
                         rows += [report.Row.of(r, device, workload, name, impl) for r in result.rows]
                         measured += [(r.torch, r.safeopt) for r in result.rows]

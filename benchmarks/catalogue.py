@@ -55,7 +55,11 @@ OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict]] = {
     "AdamW": (torch.optim.AdamW, {"lr": 1e-3}),
     "SGD": (torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9}),
 }
-IMPLS: dict[str, dict[str, bool]] = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+IMPLS: dict[str, dict[str, bool]] = {
+    "forloop": {"foreach": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+}
 
 
 def optimizer(name: str, impl: str) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:

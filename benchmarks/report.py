@@ -59,17 +59,32 @@ class Row:
     def of(cls, r: Any, device: str, workload: str, optimizer: str, impl: str) -> Row:
         """A row from a ``safeopt.bench`` result row."""
         how = {"zero": "zero grads"}.get(r.idle_by, r.idle_by)
-        return cls(device, workload, optimizer, impl, how, 1 - r.idle, r.torch_ms, r.safeopt_ms, r.ratio,
-                   r.extra_mb_torch, r.extra_mb_safeopt)
+        return cls(
+            device,
+            workload,
+            optimizer,
+            impl,
+            how,
+            1 - r.idle,
+            r.torch_ms,
+            r.safeopt_ms,
+            r.ratio,
+            r.extra_mb_torch,
+            r.extra_mb_safeopt,
+        )
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
     """The options every suite takes."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a subset, short rounds (development)")
-    p.add_argument("--device", choices=["cpu", "cuda"], action="append", help="default: cpu, and cuda if present")
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], action="append", help="default: cpu, and cuda if present"
+    )
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7, quick 3)")
-    p.add_argument("--min-run-time", type=float, default=None, help="seconds timed per side (default 0.5, quick 0.1)")
+    p.add_argument(
+        "--min-run-time", type=float, default=None, help="seconds timed per side (default 0.5, quick 0.1)"
+    )
     p.add_argument("--workloads", nargs="+", metavar="NAME", help="only these workloads of catalogue.py")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -95,7 +110,9 @@ def chosen(args: argparse.Namespace, workloads: Sequence[str], quick: Sequence[s
     return [w for w in workloads if w in names]
 
 
-def meta(devices: Sequence[str], quick: bool, rounds: int, seconds: float, workloads: Sequence[str]) -> dict[str, Any]:
+def meta(
+    devices: Sequence[str], quick: bool, rounds: int, seconds: float, workloads: Sequence[str]
+) -> dict[str, Any]:
     """Where and how a run was measured: written next to its rows."""
     return {
         "date": datetime.date.today().isoformat(),
@@ -125,8 +142,13 @@ def markdown(suite: str, rows: list[Row], info: dict[str, Any]) -> str:
             who += [r.how, f"{r.active:.0%}"]
         elif suite == "rows":
             who += [f"{r.active:.1%}"]
-        timing = [f"{r.torch_ms:{ms}}", f"{r.safeopt_ms:{ms}}", f"**{r.ratio:.2f}**",
-                  f"{r.extra_mb_torch:.1f}", f"{r.extra_mb_safeopt:.1f}"]
+        timing = [
+            f"{r.torch_ms:{ms}}",
+            f"{r.safeopt_ms:{ms}}",
+            f"**{r.ratio:.2f}**",
+            f"{r.extra_mb_torch:.1f}",
+            f"{r.extra_mb_safeopt:.1f}",
+        ]
         lines.append("| " + " | ".join(who + timing) + " |")
     return "\n".join(lines) + "\n"
 
@@ -135,7 +157,9 @@ def save(out: Path, suite: str, rows: list[Row], info: dict[str, Any]) -> Path:
     """Write ``<suite>.json`` and its table (``<suite>-quick.*`` for a quick run) and the plot."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / (f"{suite}-quick.json" if info["quick"] else f"{suite}.json")
-    path.write_text(json.dumps({"meta": info, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1) + "\n")
+    path.write_text(
+        json.dumps({"meta": info, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1) + "\n"
+    )
     _render(path, suite)
     return path
 
@@ -183,8 +207,13 @@ def plot_idle(rows: list[Row], path: Path) -> None:
         return
     workloads = list(dict.fromkeys(r.workload for r in rows))
     impls = list(dict.fromkeys(r.impl for r in rows))
-    fig, axes = plt.subplots(len(impls), len(workloads), figsize=(3.6 * len(workloads), 2.6 * len(impls)),
-                             squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        len(impls),
+        len(workloads),
+        figsize=(3.6 * len(workloads), 2.6 * len(impls)),
+        squeeze=False,
+        sharex=True,
+    )
     for i, impl in enumerate(impls):
         for j, workload in enumerate(workloads):
             ax = axes[i][j]
@@ -194,9 +223,16 @@ def plot_idle(rows: list[Row], path: Path) -> None:
                     series.setdefault((r.optimizer, r.how), []).append(r)
             for (name, how), rs in series.items():
                 rs.sort(key=lambda r: r.active)
-                ax.plot([r.active * 100 for r in rs], [r.ratio for r in rs], marker="o", markersize=3,
-                        color=COLOURS[name], linestyle="-" if how == "zero grads" else "--", linewidth=1,
-                        label=f"{name}, {how}")
+                ax.plot(
+                    [r.active * 100 for r in rs],
+                    [r.ratio for r in rs],
+                    marker="o",
+                    markersize=3,
+                    color=COLOURS[name],
+                    linestyle="-" if how == "zero grads" else "--",
+                    linewidth=1,
+                    label=f"{name}, {how}",
+                )
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set_title(f"{workload}, {impl}", fontsize=9)
             ax.grid(alpha=0.3)
@@ -227,8 +263,16 @@ def plot_rows(rows: list[Row], path: Path) -> None:
                 series.setdefault((r.optimizer, r.impl), []).append(r)
         for (name, impl), rs in series.items():
             rs.sort(key=lambda r: r.active)
-            ax.plot([shares.index(r.active) for r in rs], [r.ratio for r in rs], marker="o", markersize=3,
-                    color=COLOURS[name], linestyle=styles[impl], linewidth=1, label=f"{name} {impl}")
+            ax.plot(
+                [shares.index(r.active) for r in rs],
+                [r.ratio for r in rs],
+                marker="o",
+                markersize=3,
+                color=COLOURS[name],
+                linestyle=styles[impl],
+                linewidth=1,
+                label=f"{name} {impl}",
+            )
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
         ax.set_xticks(range(len(shares)), [f"{s:.1%}" for s in shares])
@@ -248,7 +292,9 @@ PLOTS = {"idle": plot_idle, "rows": plot_rows}
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--replot", action="store_true", required=True, help="rewrite tables and plots from the JSON")
+    p.add_argument(
+        "--replot", action="store_true", required=True, help="rewrite tables and plots from the JSON"
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     for path in replot(args.out):

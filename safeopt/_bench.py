@@ -31,7 +31,11 @@ __all__ = ["BenchReport", "BenchRow", "bench"]
 
 IdleBy = Literal["zero", "freeze", "rows"]
 Factory = Callable[[list[nn.Parameter]], Optimizer]
-_TWINS: dict[type, type] = {torch.optim.Adam: Adam, torch.optim.AdamW: AdamW, torch.optim.SGD: SGD}
+_TWINS: dict[type[Optimizer], type[Adam | AdamW | SGD]] = {
+    torch.optim.Adam: Adam,
+    torch.optim.AdamW: AdamW,
+    torch.optim.SGD: SGD,
+}
 _ROW_GRADS = 3  # lazy="rows": grads with different active rows, taken in turn, so row step counts differ
 
 
@@ -82,10 +86,14 @@ class BenchReport:
 
         width = max(len(r.torch.sub_label or "") for r in self.rows)
         lines = [
-            f"safeopt / torch: median over {self.rounds} interleaved rounds; extra MB: memory a step allocates "
-            "beyond parameters, grads and state; host syncs: in one step (CUDA only)",
-            f"{'':<{width}} {'safeopt/torch':>13} {'extra MB torch':>15} {'extra MB safeopt':>17} "
-            f"{'syncs torch':>12} {'syncs safeopt':>14}",
+            (
+                f"safeopt / torch: median over {self.rounds} interleaved rounds; extra MB: memory a step "
+                "allocates beyond parameters, grads and state; host syncs: in one step (CUDA only)"
+            ),
+            (
+                f"{'':<{width}} {'safeopt/torch':>13} {'extra MB torch':>15} {'extra MB safeopt':>17} "
+                f"{'syncs torch':>12} {'syncs safeopt':>14}"
+            ),
         ]
         for r in self.rows:
             lines.append(
@@ -219,9 +227,11 @@ def _grads(params: list[nn.Parameter], idle: float, idle_by: str) -> list[list[T
     return sets
 
 
-def _stepper(opt: Optimizer, params: list[nn.Parameter], grads: list[list[Tensor | None]]) -> Callable[[], None]:
+def _stepper(
+    opt: Optimizer, params: list[nn.Parameter], grads: list[list[Tensor | None]]
+) -> Callable[[], None]:
     if len(grads) == 1:
-        return opt.step  # type: ignore[return-value]
+        return opt.step
     turn = [0]
 
     def step() -> None:
@@ -234,8 +244,15 @@ def _stepper(opt: Optimizer, params: list[nn.Parameter], grads: list[list[Tensor
 
 
 def _measure(
-    params: list[nn.Parameter], optimizer: Factory, safe_optimizer: Factory | None, idle: float, idle_by: str,
-    rounds: int, min_run_time: float, memory: bool, label: str | None,
+    params: list[nn.Parameter],
+    optimizer: Factory,
+    safe_optimizer: Factory | None,
+    idle: float,
+    idle_by: str,
+    rounds: int,
+    min_run_time: float,
+    memory: bool,
+    label: str | None,
 ) -> BenchRow:
     from torch.utils.benchmark import Measurement, Timer
 
@@ -257,8 +274,12 @@ def _measure(
         steps["safeopt"]()
     timers = {
         name: Timer(
-            "step()", globals={"step": step}, label=label, sub_label=f"{_describe(ref)}, {idle:.0%} idle ({idle_by})",
-            description=name, num_threads=torch.get_num_threads(),
+            "step()",
+            globals={"step": step},
+            label=label,
+            sub_label=f"{_describe(ref)}, {idle:.0%} idle ({idle_by})",
+            description=name,
+            num_threads=torch.get_num_threads(),
         )
         for name, step in steps.items()
     }
@@ -271,10 +292,15 @@ def _measure(
     ratio = statistics.median(b.median / a.median for a, b in zip(times["torch"], times["safeopt"]))
     device = next((p.device for p in params if p.device.type != "cpu"), torch.device("cpu"))
     row = BenchRow(
-        idle, idle_by, Measurement.merge(times["torch"])[0], Measurement.merge(times["safeopt"])[0], ratio,
+        idle,
+        idle_by,
+        Measurement.merge(times["torch"])[0],
+        Measurement.merge(times["safeopt"])[0],
+        ratio,
         _extra_mb(steps["torch"], device) if memory else None,
         _extra_mb(steps["safeopt"], device) if memory else None,
-        _syncs(steps["torch"], device), _syncs(steps["safeopt"], device),
+        _syncs(steps["torch"], device),
+        _syncs(steps["safeopt"], device),
     )
     del ref, mine, steps, timers
     for p in params:
@@ -296,7 +322,8 @@ def _extra_mb(step: Callable[[], Any], device: torch.device) -> float:
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = prof.events() or []
-    return sum(e.cpu_memory_usage for e in events if e.cpu_memory_usage > 0 and not e.cpu_children) / 2**20
+    allocated: int = sum(e.cpu_memory_usage for e in events if e.cpu_memory_usage > 0 and not e.cpu_children)
+    return allocated / 2**20
 
 
 @contextlib.contextmanager

@@ -27,7 +27,9 @@ def test_bench_times_both_sides_for_every_idle_fraction_and_leaves_the_model_alo
     net = model()
     net[0].weight.grad = torch.ones(8, 8)
     before = [p.detach().clone() for p in net.parameters()]
-    report = safeopt.bench(net, lambda ps: torch.optim.AdamW(ps, lr=0.1, foreach=True), idle=[0.0, 0.5, 1.0], **FAST)
+    report = safeopt.bench(
+        net, lambda ps: torch.optim.AdamW(ps, lr=0.1, foreach=True), idle=[0.0, 0.5, 1.0], **FAST
+    )
     assert [r.idle for r in report.rows] == [0.0, 0.5, 1.0]
     for r in report.rows:
         assert r.idle_by == "zero" and r.torch_ms > 0 and r.safeopt_ms > 0 and r.ratio > 0
@@ -51,8 +53,15 @@ def test_bench_takes_parameters_and_a_safeopt_side_of_your_choosing() -> None:
         return built[-1]
 
     params = [nn.Parameter(torch.randn(4, 4)) for _ in range(3)]
-    report = safeopt.bench(params, lambda ps: torch.optim.SGD(ps, lr=0.1), idle=0.5, idle_by="freeze",
-                           safe_optimizer=safe, memory=False, **FAST)
+    report = safeopt.bench(
+        params,
+        lambda ps: torch.optim.SGD(ps, lr=0.1),
+        idle=0.5,
+        idle_by="freeze",
+        safe_optimizer=safe,
+        memory=False,
+        **FAST,
+    )
     (row,) = report.rows
     assert row.idle_by == "freeze" and row.extra_mb_torch is None
     (opt,) = built
@@ -63,8 +72,9 @@ def test_bench_takes_parameters_and_a_safeopt_side_of_your_choosing() -> None:
 
 def test_rows_cycles_grads_with_different_active_rows() -> None:
     table = nn.Parameter(torch.randn(100, 4))
-    report = safeopt.bench([table], lambda ps: torch.optim.Adam(ps, lr=0.1), idle=0.9, idle_by="rows",
-                           memory=False, **FAST)
+    report = safeopt.bench(
+        [table], lambda ps: torch.optim.Adam(ps, lr=0.1), idle=0.9, idle_by="rows", memory=False, **FAST
+    )
     assert report.rows[0].idle_by == "rows"
     grads = _bench._grads([table], 0.9, "rows")
     assert len(grads) == 3
@@ -88,8 +98,11 @@ def test_the_safeopt_side_is_the_twin_with_the_same_groups_else_wrap() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"idle": 1.5}, "Invalid idle fraction"), ({"idle_by": "none"}, "Invalid idle_by"),
-     ({"rounds": 0}, "Invalid rounds")],
+    [
+        ({"idle": 1.5}, "Invalid idle fraction"),
+        ({"idle_by": "none"}, "Invalid idle_by"),
+        ({"rounds": 0}, "Invalid rounds"),
+    ],
 )
 def test_bench_rejects_bad_options(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -102,8 +115,22 @@ def test_bench_needs_a_trainable_parameter() -> None:
 
 
 def test_the_command_prints_the_comparison(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["bench", "--tensors", "3x8", "--tensors", "2x4x4", "--optimizer", "SGD(lr=0.1, momentum=0.9)",
-            "--idle", "0", "0.5", "--rounds", "2", "--min-run-time", "0.02"]
+    argv = [
+        "bench",
+        "--tensors",
+        "3x8",
+        "--tensors",
+        "2x4x4",
+        "--optimizer",
+        "SGD(lr=0.1, momentum=0.9)",
+        "--idle",
+        "0",
+        "0.5",
+        "--rounds",
+        "2",
+        "--min-run-time",
+        "0.02",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "5 tensors, 5.6e-05M elements" in out
@@ -112,8 +139,14 @@ def test_the_command_prints_the_comparison(capsys: pytest.CaptureFixture[str]) -
 
 @pytest.mark.parametrize(
     "argv",
-    [["--optimizer", "AdamW(1e-3)"], ["--optimizer", "NoSuchOptimizer"], ["--optimizer", "AdamW(lr=x)"],
-     ["--tensors", "100"], ["--tensors", "0x5"], ["--model", "no_colon"]],
+    [
+        ["--optimizer", "AdamW(1e-3)"],
+        ["--optimizer", "NoSuchOptimizer"],
+        ["--optimizer", "AdamW(lr=x)"],
+        ["--tensors", "100"],
+        ["--tensors", "0x5"],
+        ["--model", "no_colon"],
+    ],
 )
 def test_the_command_rejects_bad_specs(argv: list[str]) -> None:
     with pytest.raises(SystemExit):

@@ -55,7 +55,16 @@ def text(page: Path) -> str:
 
 
 def test_every_nav_page_is_built(site: Path) -> None:
-    for page in ["getting-started", "rule", "recipes", "diagnostics", "migrating", "faq", "api", "benchmarks"]:
+    for page in [
+        "getting-started",
+        "rule",
+        "recipes",
+        "diagnostics",
+        "migrating",
+        "faq",
+        "api",
+        "benchmarks",
+    ]:
         assert (site / page / "index.html").is_file(), page
     assert (site / "index.html").is_file()
 
@@ -65,10 +74,15 @@ def test_the_api_page_is_generated_from_the_docstrings_of_every_public_name(site
 
     page = (site / "api" / "index.html").read_text(encoding="utf-8")
     ids = set(re.findall(r'<h[2-4][^>]*\bid="([^"]+)"', page))
-    headings = {text_of(h).strip().rstrip("¶").strip() for h in re.findall(r"<h[2-4][^>]*>(.*?)</h[2-4]>", page, re.S)}
+    headings = {
+        text_of(h).strip().rstrip("¶").strip()
+        for h in re.findall(r"<h[2-4][^>]*>(.*?)</h[2-4]>", page, re.DOTALL)
+    }
     for name in safeopt.__all__:
         if name != "__version__":
-            assert f"safeopt.{name}" in ids or f"safeopt.{name}" in headings, f"docs/api.md has no entry for {name}"
+            assert f"safeopt.{name}" in ids or f"safeopt.{name}" in headings, (
+                f"docs/api.md has no entry for {name}"
+            )
     api = text(site / "api" / "index.html")
     for method in ["freeze", "unfreeze", "is_frozen", "frozen"]:  # the freeze API, from its docstrings
         assert f"{method}(target" in api, method
