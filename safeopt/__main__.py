@@ -63,9 +63,17 @@ def _bench(args: argparse.Namespace) -> int:
         if args.model is not None:
             model = args.model()
         else:
-            model = [nn.Parameter(torch.randn(shape, dtype=args.dtype)) for n, shape in args.tensors for _ in range(n)]
+            model = [
+                nn.Parameter(torch.randn(shape, dtype=args.dtype))
+                for n, shape in args.tensors
+                for _ in range(n)
+            ]
     bench(
-        model, args.optimizer, idle=args.idle, idle_by=args.idle_by, rounds=args.rounds,
+        model,
+        args.optimizer,
+        idle=args.idle,
+        idle_by=args.idle_by,
+        rounds=args.rounds,
         min_run_time=args.min_run_time,
     )
     return 0
@@ -79,15 +87,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--no-plot", action="store_true", help="print the table only")
     b = sub.add_parser("bench", help="time safeopt's step against torch's, interleaved in one process")
     what = b.add_mutually_exclusive_group()
-    what.add_argument("--tensors", type=_tensors, action="append", metavar="COUNTxSHAPE",
-                      help="parameters to step, e.g. 100x2000 (repeatable; default 100x2000)")
-    what.add_argument("--model", type=_model, metavar="MODULE:FUNCTION",
-                      help="a function returning your model (nn.Module) or its parameters")
-    b.add_argument("--optimizer", type=_optimizer, default=_optimizer("AdamW"), metavar="'CLASS(KEY=VALUE, ...)'",
-                   help="a torch.optim class and its options (default AdamW)")
+    what.add_argument(
+        "--tensors",
+        type=_tensors,
+        action="append",
+        metavar="COUNTxSHAPE",
+        help="parameters to step, e.g. 100x2000 (repeatable; default 100x2000)",
+    )
+    what.add_argument(
+        "--model",
+        type=_model,
+        metavar="MODULE:FUNCTION",
+        help="a function returning your model (nn.Module) or its parameters",
+    )
+    b.add_argument(
+        "--optimizer",
+        type=_optimizer,
+        default=_optimizer("AdamW"),
+        metavar="'CLASS(KEY=VALUE, ...)'",
+        help="a torch.optim class and its options (default AdamW)",
+    )
     b.add_argument("--idle", type=float, nargs="+", default=[0.0, 0.5], help="fractions idle (default 0 0.5)")
-    b.add_argument("--idle-by", choices=["zero", "freeze", "rows"], default="zero",
-                   help="how the idle part gets no gradient (default zero grads)")
+    b.add_argument(
+        "--idle-by",
+        choices=["zero", "freeze", "rows"],
+        default="zero",
+        help="how the idle part gets no gradient (default zero grads)",
+    )
     b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     b.add_argument("--dtype", type=lambda s: getattr(torch, s), default=torch.float32, help="for --tensors")
     b.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
