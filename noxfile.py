@@ -52,10 +52,29 @@ def _install(session: nox.Session, torch: str) -> None:
     # run_install: skipped, like session.install, under --no-install (reused environment as it is).
     session.run_install("python", "-c", f"import shutil; shutil.rmtree({wheels!r}, ignore_errors=True)")
     session.run_install("python", "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", wheels, str(ROOT))
-    constraints = str(ROOT / ".ci" / "constraints.txt")
+    constraints = _constraints_beside_torch()
     session.install("-c", constraints, "--find-links", wheels, "torch-safeopt[test]", f"torch=={torch}")
     # A reused environment may hold a wheel of the same version built from older code.
     session.install("--force-reinstall", "--no-deps", "--no-index", "--find-links", wheels, "torch-safeopt")
+
+
+# torch's own requirements: each torch release pins them itself (torch 2.6: sympy==1.13.1), so the
+# pins CI takes for its default torch must not apply to them.
+TORCH_REQUIREMENTS = {"filelock", "fsspec", "jinja2", "markupsafe", "mpmath", "networkx", "sympy", "typing-extensions"}
+
+
+def _constraints_beside_torch() -> str:
+    """.ci/constraints.txt without torch's own requirements."""
+    out = DIST / "constraints-beside-torch.txt"
+    DIST.mkdir(parents=True, exist_ok=True)
+    lines = (ROOT / ".ci" / "constraints.txt").read_text().splitlines()
+    kept = [
+        line
+        for line in lines
+        if line.split("==")[0].strip().lower().replace("_", "-") not in TORCH_REQUIREMENTS
+    ]
+    out.write_text("\n".join(kept) + "\n")
+    return str(out)
 
 
 def _pytest(session: nox.Session, *args: str, ci: bool = True) -> None:
