@@ -181,31 +181,15 @@ def step_row_alone(
 
 # -- the property test -----------------------------------------------------------------------------
 
-CONFIGS: list[tuple[type, dict[str, Any]]] = [
-    (torch.optim.Adam, {}),
-    (torch.optim.Adam, {"amsgrad": True, "weight_decay": 0.1}),
-    (torch.optim.Adam, {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}),
-    (torch.optim.AdamW, {"amsgrad": True, "maximize": True}),
-    (torch.optim.SGD, {}),
-    (torch.optim.SGD, {"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.1}),
-    (torch.optim.SGD, {"momentum": 0.9, "nesterov": True, "maximize": True}),
-    (torch.optim.SGD, {"momentum": 0.5, "nesterov": True}),  # torch's foreach step writes into grads
-]
-IMPLS = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+# The configurations, and the implementation x dtype pairs left out, live in tests/cases.py.
+CONFIGS = cases.row_configs()
+IMPLS = cases.ROW_IMPLS
 PROPERTY_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.complex64)
 # (shape of the base tensor, transposed?): rows of 2-d and 3-d parameters, a transposed one,
 # width-1 rows (grouped biases), and what follows the tensor rule (1-d, 0-d) or has no rows.
 PARAM_SHAPES = (((5, 3), False), ((4, 2, 2), False), ((3, 5), True), ((6, 1), False), ((3,), False), ((), False),
                 ((0, 3), False), ((3, 0), False))
 ROW_KINDS = ("zero", "negzero", "dense", "dense", "subnormal", "nan")
-
-
-def _supported(torch_cls: type, kwargs: dict[str, Any], impl: str, dtype: torch.dtype) -> bool:
-    if impl == "fused" and dtype.is_complex:
-        return False  # torch's fused kernels take floating dtypes only
-    # torch 2.13's CPU fused SGD updates only the tail of a bfloat16 or float16 tensor (the
-    # vectorised body is left as it was), so a row's update depends on where it sits in the tensor.
-    return not (torch_cls is torch.optim.SGD and impl == "fused" and dtype in (torch.bfloat16, torch.float16))
 
 
 def _row_grad(shape: tuple[int, ...], dtype: torch.dtype, kinds: list[str], gen: torch.Generator) -> Tensor:
@@ -240,7 +224,7 @@ def _rows_property(data: Any) -> None:
     torch_cls, kwargs = data.draw(st.sampled_from(CONFIGS), label="config")
     impl = data.draw(st.sampled_from(sorted(IMPLS)), label="impl")
     dtype = data.draw(st.sampled_from(PROPERTY_DTYPES), label="dtype")
-    if not _supported(torch_cls, kwargs, impl, dtype):
+    if cases.rows_unsupported(torch_cls, impl, dtype):
         impl = "forloop"
     kwargs = {"lr": 0.05, **kwargs, **IMPLS[impl]}
     twin = cases.TWINS[torch_cls]
@@ -416,7 +400,7 @@ def test_the_tolerance_sees_a_wrong_step_count() -> None:
 # -- fixed scenarios ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", [c for c in cases.cases(twins_only=True) if c.impl != "differentiable"], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", cases.params(twins_only=True, where=lambda c: c.impl != "differentiable"))
 def test_every_row_active_is_lazy_true_bit_for_bit(case: cases.Case) -> None:
     """Every optim_db configuration of the twins: with all rows active every step, rows is lazy=True."""
     shapes = [(4, 3), (2, 3, 2), (5,), ()]

@@ -1,4 +1,8 @@
-"""The zero check: what counts as "every element equals zero"."""
+"""The zero check: what counts as "every element equals zero".
+
+Every test runs three ways: decided as on the CPU (memory probe, then ``aminmax``), and as on an
+accelerator (``_rule.FORCE_DEVICE``: the ``_device`` kernels), with and without the probe round.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,15 @@ import pytest
 import torch
 
 import harness
+from safeopt import _rule
 from safeopt._rule import nonzero_flags
+
+
+@pytest.fixture(autouse=True, params=["host", "device", "device-no-probe"])
+def decision(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(_rule, "FORCE_DEVICE", request.param != "host")
+    monkeypatch.setattr(_rule, "DEVICE_PROBE", request.param != "device-no-probe")
+    return str(request.param)
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64]
 

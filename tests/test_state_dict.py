@@ -34,7 +34,7 @@ def fresh(case: cases.Case) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
     return case.make_safe(params), params
 
 
-@pytest.mark.parametrize("case", [c for c in cases.cases() if c.impl != "differentiable"], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", cases.params(where=lambda c: c.impl != "differentiable"))
 def test_resume_from_checkpoint_is_bit_identical(case: cases.Case) -> None:
     whole, whole_params = fresh(case)
     run(whole, whole_params, range(4))
