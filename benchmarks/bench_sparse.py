@@ -101,12 +101,33 @@ class Stepper:
         self.opt.step()
 
     def state_bytes(self) -> int:
-        return sum(t.nbytes for state in self.opt.state.values() for t in state.values() if isinstance(t, Tensor))
+        return sum(
+            t.nbytes for state in self.opt.state.values() for t in state.values() if isinstance(t, Tensor)
+        )
 
 
-_VIEWS = {"detach", "alias", "view", "_reshape_alias", "as_strided", "slice", "select", "split",
-          "split_with_sizes", "expand", "unsqueeze", "squeeze", "t", "transpose", "permute",
-          "_indices", "_values", "indices", "values", "view_as_real"}
+_VIEWS = {
+    "detach",
+    "alias",
+    "view",
+    "_reshape_alias",
+    "as_strided",
+    "slice",
+    "select",
+    "split",
+    "split_with_sizes",
+    "expand",
+    "unsqueeze",
+    "squeeze",
+    "t",
+    "transpose",
+    "permute",
+    "_indices",
+    "_values",
+    "indices",
+    "values",
+    "view_as_real",
+}
 
 
 class _Allocated(TorchDispatchMode):
@@ -149,12 +170,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             stepper.step()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             timer = Timer("s.step()", globals={"s": steppers[name]}, num_threads=torch.get_num_threads())
             times[name].append(timer.blocked_autorange(min_run_time=args.min_run_time).median)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1] * 1e3:.2f} ms" for k, v in times.items()),
-              file=sys.stderr)
+        print(
+            f"round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{k} {v[-1] * 1e3:.2f} ms" for k, v in times.items()),
+            file=sys.stderr,
+        )
     rows = []
     for name in names:
         row: dict[str, Any] = {
@@ -167,8 +191,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         }
         for base, target in TARGETS.get(name, []):
             per_round = [a / b for a, b in zip(times[name], times[base])]
-            row["ratios"].append({"vs": base, "median": statistics.median(per_round), "min": min(per_round),
-                                  "max": max(per_round), "target": target})
+            row["ratios"].append(
+                {
+                    "vs": base,
+                    "median": statistics.median(per_round),
+                    "min": min(per_round),
+                    "max": max(per_round),
+                    "target": target,
+                }
+            )
         rows.append(row)
     return {
         "meta": {
@@ -203,16 +234,24 @@ def markdown(results: dict[str, Any]) -> str:
     for row in results["rows"]:
         grad = "dense" if row["optimizer"] in (DENSE, ROWS_DENSE) else "sparse"
         lo, hi = row["ms_range"]
-        lines.append(f"| {row['optimizer']} | {grad} | {row['ms']:.2f} | {lo:.2f} to {hi:.2f} | "
-                     f"{row['state_mb']:.1f} | {row['step_alloc_mb']:.1f} |")
-    lines += ["", "| optimizer | against | ratio (median) | range over rounds | target |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {row['optimizer']} | {grad} | {row['ms']:.2f} | {lo:.2f} to {hi:.2f} | "
+            f"{row['state_mb']:.1f} | {row['step_alloc_mb']:.1f} |"
+        )
+    lines += [
+        "",
+        "| optimizer | against | ratio (median) | range over rounds | target |",
+        "|---|---|---|---|---|",
+    ]
     for row in results["rows"]:
         for ratio in row["ratios"]:
             target = "" if ratio["target"] is None else f"≤ {ratio['target']:.2f}"
             if ratio["target"] is not None:
                 target += " (met)" if ratio["median"] <= ratio["target"] else " (not met)"
-            lines.append(f"| {row['optimizer']} | {ratio['vs']} | **{ratio['median']:.2f}** | "
-                         f"{ratio['min']:.2f} to {ratio['max']:.2f} | {target} |")
+            lines.append(
+                f"| {row['optimizer']} | {ratio['vs']} | **{ratio['median']:.2f}** | "
+                f"{ratio['min']:.2f} to {ratio['max']:.2f} | {target} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -45,7 +45,9 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     return out
 
 
-def train(make_opt: object) -> tuple[TwoTower, torch.optim.Optimizer, dict[int, tuple[int, float]], list[int]]:
+def train(
+    make_opt: object,
+) -> tuple[TwoTower, torch.optim.Optimizer, dict[int, tuple[int, float]], list[int]]:
     """Returns each item row's first step and the size of its update then (mean |change| / lr),
     and how many steps each item row took part in (rows of the coalesced grad with a nonzero entry)."""
     torch.manual_seed(0)
@@ -82,8 +84,12 @@ def main() -> None:
     torch.manual_seed(0)
     start = TwoTower().items.weight.detach().clone()
 
-    sparse_model, sparse_opt, sparse_first, took_part = train(lambda p: torch.optim.SparseAdam(p, lr=LR, betas=BETAS, eps=EPS))
-    rows_model, rows_opt, rows_first, rows_took_part = train(lambda p: safeopt.Adam(p, lr=LR, betas=BETAS, eps=EPS, lazy="rows"))
+    sparse_model, sparse_opt, sparse_first, took_part = train(
+        lambda p: torch.optim.SparseAdam(p, lr=LR, betas=BETAS, eps=EPS)
+    )
+    rows_model, rows_opt, rows_first, rows_took_part = train(
+        lambda p: safeopt.Adam(p, lr=LR, betas=BETAS, eps=EPS, lazy="rows")
+    )
 
     never = [r for r in range(ITEMS) if not took_part[r] and not rows_took_part[r]]
     for model in (sparse_model, rows_model):
@@ -97,12 +103,14 @@ def main() -> None:
     busiest = max(range(ITEMS), key=rows_took_part.__getitem__)
     tail = next(r for r in range(ITEMS - 1, -1, -1) if rows_took_part[r] == 1)
     print(f"SparseAdam: step {STEPS} for every row of the table")
-    print(f'lazy="rows": row {busiest} took {rows_took_part[busiest]} steps, row {tail} took 1 '
-          f"(row_step {int(table['row_step'][busiest])} and {int(table['row_step'][tail])})")
+    print(
+        f'lazy="rows": row {busiest} took {rows_took_part[busiest]} steps, row {tail} took 1 '
+        f"(row_step {int(table['row_step'][busiest])} and {int(table['row_step'][tail])})"
+    )
 
     # First updates: Adam's first step is lr per element for lazy="rows", whenever the row first
     # appears; SparseAdam's depends on the table's step count at that moment.
-    print("first step of a row | first update / lr: lazy=\"rows\" | SparseAdam (measured, expected)")
+    print('first step of a row | first update / lr: lazy="rows" | SparseAdam (measured, expected)')
     for t in (1, 2, 5, 10, 20, 40):
         rows_at = [c for s, c in rows_first.values() if s == t]
         sparse_at = [c for s, c in sparse_first.values() if s == t]
@@ -122,7 +130,10 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        for first, label, marker in ((sparse_first, "torch.optim.SparseAdam", "x"), (rows_first, 'safeopt.Adam(lazy="rows")', "o")):
+        for first, label, marker in (
+            (sparse_first, "torch.optim.SparseAdam", "x"),
+            (rows_first, 'safeopt.Adam(lazy="rows")', "o"),
+        ):
             steps, changes = zip(*first.values())
             ax.scatter(steps, changes, s=8, marker=marker, label=label, alpha=0.6)
         ax.set_xlabel("step at which a row is first looked up")

@@ -84,7 +84,7 @@ def lazy_step(
         for p, grad in guarded:
             p.grad = grad
         try:
-            if rows:
+            if by_rows.pending:
                 by_rows.finish(stepped)
         finally:
             if after is not None:

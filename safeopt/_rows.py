@@ -35,7 +35,16 @@ from torch import Tensor
 from safeopt import _torch_compat
 from safeopt._torch_compat import writes_into_grads
 
-__all__ = ["ROWS", "ROW_STEP", "RowSteps", "active_rows", "allocate_state", "check", "restore_counts", "touched_rows"]
+__all__ = [
+    "ROWS",
+    "ROW_STEP",
+    "RowSteps",
+    "active_rows",
+    "allocate_state",
+    "check",
+    "restore_counts",
+    "touched_rows",
+]
 
 ROWS = "rows"  # the value of a group's "lazy" key that selects row-level skipping
 ROW_STEP = "row_step"  # per-row step counts, next to torch's own state keys
@@ -137,7 +146,9 @@ def touched_rows(grad: Tensor) -> tuple[Tensor, Tensor | None]:
         named, inverse = torch.unique_consecutive(indices[0], return_inverse=True)
         local = torch.cat([inverse.unsqueeze(0), indices[1:]])
         shape = (named.numel(), *grad.shape[1:])
-        dense = torch.sparse_coo_tensor(local, values, shape, is_coalesced=True, check_invariants=False).to_dense()
+        dense = torch.sparse_coo_tensor(
+            local, values, shape, is_coalesced=True, check_invariants=False
+        ).to_dense()
         keep = active_rows(dense)
         if keep.numel() != named.numel():
             named, dense = named.index_select(0, keep), dense.index_select(0, keep)
@@ -149,7 +160,9 @@ def touched_rows(grad: Tensor) -> tuple[Tensor, Tensor | None]:
     if values.is_complex():
         # to_dense() multiplies by a complex 1 (a NaN part makes both parts NaN): let it do so
         local = torch.arange(named.numel(), device=grad.device).unsqueeze(0)
-        values = torch.sparse_coo_tensor(local, values, values.shape, is_coalesced=True, check_invariants=False).to_dense()
+        values = torch.sparse_coo_tensor(
+            local, values, values.shape, is_coalesced=True, check_invariants=False
+        ).to_dense()
         return named, values
     return named, values.add(0).contiguous()  # what to_dense() makes of a real value: 0 + v
 
@@ -162,7 +175,10 @@ def allocate_state(optimizer: torch.optim.Optimizer, group: dict[str, Any], para
     swapped = [
         (p, p.grad)
         for p in params
-        if group.get("lazy") == ROWS and p.dim() > 1 and p.grad is not None and p.grad.layout is torch.sparse_coo
+        if group.get("lazy") == ROWS
+        and p.dim() > 1
+        and p.grad is not None
+        and p.grad.layout is torch.sparse_coo
     ]
     try:
         for p, grad in swapped:
@@ -181,7 +197,7 @@ def check(optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]], *,
         if not twin or not isinstance(optimizer, (torch.optim.Adam, torch.optim.SGD)):
             raise ValueError(
                 f'lazy="rows" (param group {i}) is supported by safeopt.Adam, safeopt.AdamW and '
-                f"safeopt.SGD only, not through wrap(): use safeopt.Adam(params, ..., lazy=\"rows\") "
+                f'safeopt.SGD only, not through wrap(): use safeopt.Adam(params, ..., lazy="rows") '
                 f"instead of wrap(torch.optim.Adam(params, ...)), or lazy=True"
             )
         if group.get("differentiable"):
@@ -213,7 +229,9 @@ class _Job(NamedTuple):
 _RUN_BYTES = 16384
 
 
-def _runs(rows: Tensor, buckets: list[tuple[float, int]], row_bytes: int) -> list[tuple[int, int, float]] | None:
+def _runs(
+    rows: Tensor, buckets: list[tuple[float, int]], row_bytes: int
+) -> list[tuple[int, int, float]] | None:
     """The runs ``[start, stop)`` of consecutive rows (ordered by bucket) with the same count, or
     None when they are too short on average to be worth stepping in place."""
     limit = rows.numel() * row_bytes // _RUN_BYTES
@@ -239,7 +257,14 @@ class RowSteps:
         self._state: Any = None
         self._grads: list[tuple[Tensor, Tensor]] = []  # (param, the user's sparse grad) while densified
 
-    def prepare(self, optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]], plans: Sequence[Any]) -> list[list[Tensor]]:
+    @property
+    def pending(self) -> bool:
+        """Whether ``finish`` has anything to do: rows to write back, or users' grads to give back."""
+        return bool(self.jobs or self._grads)
+
+    def prepare(
+        self, optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]], plans: Sequence[Any]
+    ) -> list[list[Tensor]]:
         """Gather the active rows of every row-stepped parameter; return each group's buckets.
 
         A parameter whose rows are all active goes through torch's step whole, unless its rows
@@ -276,7 +301,11 @@ class RowSteps:
     def _densify_whole(self, group: dict[str, Any], plan: Any) -> None:
         """Sparse grads naming every row (with a nonzero sum each): the parameter joins the
         group's whole parameters, its grad the densified one until ``finish``."""
-        whole = [(p, grad_rows) for p, rows, grad_rows in plan.rows if grad_rows is not None and rows.numel() == p.shape[0]]
+        whole = [
+            (p, grad_rows)
+            for p, rows, grad_rows in plan.rows
+            if grad_rows is not None and rows.numel() == p.shape[0]
+        ]
         if not whole:
             return
         ids = {id(p) for p, _ in whole}
@@ -289,7 +318,12 @@ class RowSteps:
         plan.active.sort(key=lambda p: order[id(p)])  # group order, as torch would visit them
 
     def _prepare(
-        self, optimizer: torch.optim.Optimizer, group: dict[str, Any], p: Tensor, rows: Tensor, grad_rows: Tensor | None
+        self,
+        optimizer: torch.optim.Optimizer,
+        group: dict[str, Any],
+        p: Tensor,
+        rows: Tensor,
+        grad_rows: Tensor | None,
     ) -> tuple[_Job, list[dict[str, Tensor]]]:
         """``grad_rows``: the grad's rows ``rows`` (a sparse grad's, densified), or None to read
         them from ``p.grad``."""
@@ -306,7 +340,9 @@ class RowSteps:
                 # Until now every row took part in every step of the tensor. SGD keeps no step
                 # count: there only "started" (a momentum buffer exists) matters, counted as 1.
                 start = float(state["step"]) if not sgd else float("momentum_buffer" in state)
-                counts = state[ROW_STEP] = torch.full((p.shape[0],), start, dtype=torch.float32, device=p.device)
+                counts = state[ROW_STEP] = torch.full(
+                    (p.shape[0],), start, dtype=torch.float32, device=p.device
+                )
                 created.append(ROW_STEP)
             if sgd and "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -331,7 +367,9 @@ class RowSteps:
         if all(t.is_contiguous() for t in (p, grad, *(state[k] for k in keys))):
             runs = _runs(rows, buckets, p.numel() // p.shape[0] * p.element_size())
             if runs is not None:
-                return self._in_place(optimizer, group, p, rows, counts, keys, buckets, runs, sgd, grad_rows, created)
+                return self._in_place(
+                    optimizer, group, p, rows, counts, keys, buckets, runs, sgd, grad_rows, created
+                )
         compact = {"": p.index_select(0, rows)}
         compact.update((k, state[k].index_select(0, rows)) for k in keys)
         sizes = [n for _, n in buckets]
@@ -370,7 +408,9 @@ class RowSteps:
         shadows = [p.detach()[start:stop] for start, stop, _ in runs]
         if grad_rows is None:
             grad: Tensor = p.grad  # type: ignore[assignment]
-            copy_grads = writes_into_grads(optimizer, group, shadows)  # torch would write into the user's grad
+            copy_grads = writes_into_grads(
+                optimizer, group, shadows
+            )  # torch would write into the user's grad
             grads = [grad[start:stop].clone() if copy_grads else grad[start:stop] for start, stop, _ in runs]
         else:  # safeopt's own tensor: torch may write into it
             grads = list(grad_rows.split([stop - start for start, stop, _ in runs]))
@@ -453,9 +493,17 @@ def _copy_rows(dst: Tensor, rows: Tensor, src: Tensor) -> None:
     """``dst.index_copy_(0, rows, src)``, through 16-byte elements where the layout allows."""
     if dst.is_contiguous() and src.is_contiguous() and dst.dtype == src.dtype and dst.dim() and src.shape[0]:
         row_bytes = dst[0].numel() * dst.element_size()
-        if row_bytes and row_bytes % 16 == 0 and (dst.storage_offset() * dst.element_size()) % 16 == 0 == (src.storage_offset() * src.element_size()) % 16:
+        if (
+            row_bytes
+            and row_bytes % 16 == 0
+            and (dst.storage_offset() * dst.element_size()) % 16
+            == 0
+            == (src.storage_offset() * src.element_size()) % 16
+        ):
             wide = (dst.shape[0], row_bytes // 16)
-            dst.view(dst.shape[0], -1).view(_WIDE).view(wide).index_copy_(0, rows, src.reshape(src.shape[0], -1).view(_WIDE))
+            dst.view(dst.shape[0], -1).view(_WIDE).view(wide).index_copy_(
+                0, rows, src.reshape(src.shape[0], -1).view(_WIDE)
+            )
             return
     dst.index_copy_(0, rows, src)
 

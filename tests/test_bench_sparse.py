@@ -30,7 +30,18 @@ def bench():
 
 
 def test_a_small_run_measures_every_optimizer_on_the_same_grads(bench, tmp_path: Path) -> None:
-    args = ["--table-rows", "3000", "--rounds", "2", "--min-run-time", "0.01", "--threads", "1", "--out", str(tmp_path)]
+    args = [
+        "--table-rows",
+        "3000",
+        "--rounds",
+        "2",
+        "--min-run-time",
+        "0.01",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     assert bench.main(args) == 0
     saved = json.loads((tmp_path / "sparse.json").read_text())
     assert saved["meta"]["table"] == [3000, 64] and saved["meta"]["touched_rows"] == 30

@@ -94,8 +94,13 @@ def make_sparse(
         width = int(torch.tensor(tail).prod()) if tail else 1
         entries = [(r, e) for r in rows for e in range(width) if torch.rand((), generator=gen) < 0.7]
         index = torch.tensor([[r for r, _ in entries]], dtype=torch.long).reshape(1, -1)
-        rest = torch.tensor([list(divmod(e, tail[-1])) if len(tail) == 2 else [e] for _, e in entries],
-                            dtype=torch.long).reshape(-1, len(tail)).t()
+        rest = (
+            torch.tensor(
+                [list(divmod(e, tail[-1])) if len(tail) == 2 else [e] for _, e in entries], dtype=torch.long
+            )
+            .reshape(-1, len(tail))
+            .t()
+        )
         indices = torch.cat([index, rest]) if tail else index
         values = random_values(len(entries), (), dtype, gen)
     else:
@@ -160,7 +165,9 @@ def _sparse_property(data: Any) -> None:
             else:
                 full = data.draw(st.booleans(), label="every dimension sparse")
                 grads.append(make_sparse(tuple(p.shape), dtype, pattern, full, gen, data))
-        frozen = data.draw(st.lists(st.booleans(), min_size=len(params), max_size=len(params)), label="frozen")
+        frozen = data.draw(
+            st.lists(st.booleans(), min_size=len(params), max_size=len(params)), label="frozen"
+        )
         for p, q, grad, freeze in zip(params, ref_params, grads, frozen):
             p.grad, q.grad = grad, densify(grad)
             for o, t in ((opt, p), (ref, q)):
@@ -177,7 +184,9 @@ def _sparse_property(data: Any) -> None:
             if grad is not None:
                 same = sparse_equal(grad, before) if grad.is_sparse else harness.bit_equal(grad, before)
                 assert same, f"{what}: grad {i} changed"
-            assert harness.bit_equal(p.detach(), q.detach()), f"{what}: param {i} differs from the densified step"
+            assert harness.bit_equal(p.detach(), q.detach()), (
+                f"{what}: param {i} differs from the densified step"
+            )
             harness.assert_state_equal(opt.state.get(p, {}), ref.state.get(q, {}), f"{what}: param {i}")
         assert len(opt.state) == len(ref.state), f"{what}: rows left in the state"
 
@@ -200,7 +209,9 @@ def test_repeated_rows_are_summed_in_coalesce_order() -> None:
     for seed in range(20):
         gen = torch.Generator().manual_seed(seed)
         rows = torch.randint(0, 3, (40,), generator=gen)
-        grad = torch.sparse_coo_tensor(rows[None], torch.randn(40, 4, generator=gen), (3, 4), check_invariants=True)
+        grad = torch.sparse_coo_tensor(
+            rows[None], torch.randn(40, 4, generator=gen), (3, 4), check_invariants=True
+        )
         if torch.equal(grad.to_dense(), grad.coalesce().to_dense()):
             continue
         differs = True
@@ -225,11 +236,17 @@ def _lookup_runs(case: cases.Case, module: str) -> tuple[nn.Module, torch.optim.
     else:
         layer = nn.EmbeddingBag(40, 3, sparse=True, mode="sum", padding_idx=1)
     head = nn.Linear(3, 1)
-    return layer, case.make_safe([{"params": [layer.weight], "lazy": "rows"}, {"params": head.parameters()}]), [head]
+    return (
+        layer,
+        case.make_safe([{"params": [layer.weight], "lazy": "rows"}, {"params": head.parameters()}]),
+        [head],
+    )
 
 
 @pytest.mark.parametrize("module", ["embedding", "embedding_bag"])
-@pytest.mark.parametrize("case", [c for c in cases.cases(twins_only=True) if c.impl != "differentiable"], ids=lambda c: c.id)
+@pytest.mark.parametrize(
+    "case", [c for c in cases.cases(twins_only=True) if c.impl != "differentiable"], ids=lambda c: c.id
+)
 def test_every_configuration_through_sparse_lookups(case: cases.Case, module: str) -> None:
     """Every optim_db configuration of the twins: an Embedding/EmbeddingBag(sparse=True) trained
     with lazy="rows" is bit-identical to the same model trained on the densified grads. Batches
@@ -250,7 +267,9 @@ def test_every_configuration_through_sparse_lookups(case: cases.Case, module: st
         opt.step()
         ref_opt.step()
         assert harness.bit_equal(table.weight.detach(), ref_table.weight.detach()), f"{case.id} step {step}"
-        harness.assert_state_equal(opt.state[table.weight], ref_opt.state[ref_table.weight], f"{case.id} step {step}")
+        harness.assert_state_equal(
+            opt.state[table.weight], ref_opt.state[ref_table.weight], f"{case.id} step {step}"
+        )
     assert torch.equal(table.weight[1], ref_table.weight[1])
     state = opt.state[table.weight]
     if ROW_STEP in state and "step" in state:
@@ -259,8 +278,21 @@ def test_every_configuration_through_sparse_lookups(case: cases.Case, module: st
 
 # -- the cost: rows touched, not the table --------------------------------------------------------
 
-_ROW_OPS = {"index_select", "index_copy", "index_copy_", "detach", "alias", "slice", "select", "view",
-            "_reshape_alias", "as_strided", "split_with_sizes", "split", "expand"}
+_ROW_OPS = {
+    "index_select",
+    "index_copy",
+    "index_copy_",
+    "detach",
+    "alias",
+    "slice",
+    "select",
+    "view",
+    "_reshape_alias",
+    "as_strided",
+    "split_with_sizes",
+    "split",
+    "expand",
+}
 
 
 class _TableOps(TorchDispatchMode):
@@ -276,7 +308,9 @@ class _TableOps(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         if name not in _ROW_OPS:
-            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, Tensor)]
+            tensors = [
+                t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, Tensor)
+            ]
             if any(t.layout is torch.strided and t.numel() >= self.big for t in tensors):
                 self.seen.append(f"{name}{[tuple(t.shape) for t in tensors]}")
         return out
@@ -295,7 +329,9 @@ def test_a_step_costs_the_rows_touched(config: tuple[type, dict[str, Any]], impl
 
     def lookup(k: int) -> Tensor:
         rows = torch.randint(0, n, (k,), generator=gen)
-        return torch.sparse_coo_tensor(rows[None], torch.randn(k, width, generator=gen), (n, width), check_invariants=True)
+        return torch.sparse_coo_tensor(
+            rows[None], torch.randn(k, width, generator=gen), (n, width), check_invariants=True
+        )
 
     for _ in range(3):  # state, row_step and rows with different counts
         table.grad = lookup(50)
@@ -338,7 +374,9 @@ def test_a_raising_step_keeps_the_sparse_grad_and_leaves_no_trace(
     table.grad = torch.sparse_coo_tensor([[0, 2]], torch.ones(2, 2), (4, 2), check_invariants=True)
     opt.step()
     index = [[3, 1, 3]] if rows == "some" else [[3, 1, 0, 2, 3]]
-    grad = torch.sparse_coo_tensor(index, torch.arange(2.0 * len(index[0])).reshape(-1, 2) + 1, (4, 2), check_invariants=True)
+    grad = torch.sparse_coo_tensor(
+        index, torch.arange(2.0 * len(index[0])).reshape(-1, 2) + 1, (4, 2), check_invariants=True
+    )
     kept = grad.clone()
     table.grad, fresh.grad = grad, grad.clone()
     bias.grad = torch.sparse_coo_tensor([[0]], [1.0], (3,), check_invariants=True)
@@ -359,7 +397,10 @@ def test_dense_and_sparse_steps_share_the_state_and_torch_continues() -> None:
     state is torch's layout (plus row_step) whatever the grad's layout."""
     table, ref = nn.Parameter(torch.randn(6, 3)), nn.Parameter(torch.randn(6, 3))
     ref.data.copy_(table)
-    opt, ref_opt = safeopt.AdamW([table], lr=0.1, amsgrad=True, lazy="rows"), safeopt.AdamW([ref], lr=0.1, amsgrad=True, lazy="rows")
+    opt, ref_opt = (
+        safeopt.AdamW([table], lr=0.1, amsgrad=True, lazy="rows"),
+        safeopt.AdamW([ref], lr=0.1, amsgrad=True, lazy="rows"),
+    )
     grads = [
         torch.sparse_coo_tensor([[0, 4, 0]], torch.randn(3, 3), (6, 3), check_invariants=True),
         torch.sparse_coo_tensor([[5, 5]], torch.randn(2, 3), (6, 3), check_invariants=True),
@@ -404,7 +445,9 @@ def test_groups_without_rows_keep_the_tensor_rule() -> None:
     assert torch.equal(a.detach(), torch.ones(4, 2)) and a.grad is grad
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64], ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64], ids=str
+)
 @pytest.mark.parametrize("width", [64, 8, 3, 0])
 def test_row_write_backs_copy_every_bit(dtype: torch.dtype, width: int) -> None:
     """Write-backs move rows as 16-byte elements where the layout allows (``_copy_rows``): every
