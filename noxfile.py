@@ -60,7 +60,16 @@ def _install(session: nox.Session, torch: str) -> None:
 
 # torch's own requirements: each torch release pins them itself (torch 2.6: sympy==1.13.1), so the
 # pins CI takes for its default torch must not apply to them.
-TORCH_REQUIREMENTS = {"filelock", "fsspec", "jinja2", "markupsafe", "mpmath", "networkx", "sympy", "typing-extensions"}
+TORCH_REQUIREMENTS = {
+    "filelock",
+    "fsspec",
+    "jinja2",
+    "markupsafe",
+    "mpmath",
+    "networkx",
+    "sympy",
+    "typing-extensions",
+}
 
 
 def _constraints_beside_torch() -> str:

@@ -145,13 +145,22 @@ def _extra_memory_mb(step: Callable[[], object], device: str) -> float:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0 and not e.cpu_children)
+    allocated = sum(
+        e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0 and not e.cpu_children
+    )
     return allocated / 2**20
 
 
 def measure(
-    device: str, workload: str, opt_name: str, impl: str, how: str, active: float, params: list[nn.Parameter],
-    rounds: int, steps: int,
+    device: str,
+    workload: str,
+    opt_name: str,
+    impl: str,
+    how: str,
+    active: float,
+    params: list[nn.Parameter],
+    rounds: int,
+    steps: int,
 ) -> Row:
     torch_cls, safe_cls, kwargs = OPTIMIZERS[opt_name]
     kwargs = {**kwargs, **IMPLS[impl]}
@@ -175,9 +184,17 @@ def measure(
         t_torch.append(a)
         t_mine.append(b)
     row = Row(
-        device, workload, opt_name, impl, how, active,
-        statistics.median(t_torch) * 1e3, statistics.median(t_mine) * 1e3, statistics.median(ratios),
-        _extra_memory_mb(ref.step, device), _extra_memory_mb(mine.step, device),
+        device,
+        workload,
+        opt_name,
+        impl,
+        how,
+        active,
+        statistics.median(t_torch) * 1e3,
+        statistics.median(t_mine) * 1e3,
+        statistics.median(ratios),
+        _extra_memory_mb(ref.step, device),
+        _extra_memory_mb(mine.step, device),
     )
     del ref, mine
     for p in params:
@@ -223,8 +240,13 @@ def _table(intro: str, header: list[str], cells: Iterator[list[str]]) -> str:
 
 def _shared_cells(r: Row, ms: str) -> tuple[list[str], list[str]]:
     """The cells both tables have: who stepped what, then the times, ratio and memory."""
-    timing = [f"{r.torch_ms:{ms}}", f"{r.safeopt_ms:{ms}}", f"**{r.ratio:.2f}**",
-              f"{r.extra_mb_torch:.1f}", f"{r.extra_mb_safeopt:.1f}"]
+    timing = [
+        f"{r.torch_ms:{ms}}",
+        f"{r.safeopt_ms:{ms}}",
+        f"**{r.ratio:.2f}**",
+        f"{r.extra_mb_torch:.1f}",
+        f"{r.extra_mb_safeopt:.1f}",
+    ]
     return [r.device, r.workload, r.optimizer, r.impl], timing
 
 
@@ -282,7 +304,11 @@ def plot(rows: list[Row], path: Path) -> bool:
     impls = list(dict.fromkeys(r.impl for r in rows))
     styles = {"zero grads": "-", "freeze": "--"}
     fig, axes = plt.subplots(
-        len(impls), len(workloads), figsize=(3.6 * len(workloads), 2.6 * len(impls)), squeeze=False, sharex=True
+        len(impls),
+        len(workloads),
+        figsize=(3.6 * len(workloads), 2.6 * len(impls)),
+        squeeze=False,
+        sharex=True,
     )
     for (i, impl), (j, workload) in ((x, y) for x in enumerate(impls) for y in enumerate(workloads)):
         ax = axes[i][j]
@@ -293,8 +319,13 @@ def plot(rows: list[Row], path: Path) -> bool:
         for (device, opt_name, how), rs in series.items():
             rs = sorted(rs, key=lambda r: r.active)
             ax.plot(
-                [r.active * 100 for r in rs], [r.ratio for r in rs], marker="o", markersize=3,
-                color=COLOURS[opt_name], linestyle=styles[how], linewidth=1,
+                [r.active * 100 for r in rs],
+                [r.ratio for r in rs],
+                marker="o",
+                markersize=3,
+                color=COLOURS[opt_name],
+                linestyle=styles[how],
+                linewidth=1,
                 label=f"{opt_name}, {how}" + (f" ({device})" if len({r.device for r in rows}) > 1 else ""),
             )
         ax.axhline(1.0, color="black", linewidth=0.8)
@@ -325,7 +356,13 @@ ROWS_WORKLOADS: dict[str, tuple[Callable[[], list[nn.Parameter]], tuple[float, .
     "embedding 1M x 64": (_embedding, (0.01, 0.1, 1.0)),
     "experts 64 x 512 x 512": (_experts, (0.125, 0.875, 1.0)),
 }
-ROWS_CASES = [("Adam", "fused"), ("Adam", "foreach"), ("Adam", "forloop"), ("SGD", "fused"), ("SGD", "foreach")]
+ROWS_CASES = [
+    ("Adam", "fused"),
+    ("Adam", "foreach"),
+    ("Adam", "forloop"),
+    ("SGD", "fused"),
+    ("SGD", "foreach"),
+]
 
 
 def _row_grads(p: nn.Parameter, active: float, n: int = 3) -> list[torch.Tensor]:
@@ -347,7 +384,8 @@ def bench_rows(device: str, quick: bool, rounds: int) -> list[Row]:
         for workload, (_, fractions) in ROWS_WORKLOADS.items()
         for opt_name, impl in ROWS_CASES
         for active in fractions
-        if not quick or (workload.startswith("embedding") and opt_name == "Adam" and impl == "fused" and active == 0.01)
+        if not quick
+        or (workload.startswith("embedding") and opt_name == "Adam" and impl == "fused" and active == 0.01)
     ]
     built: dict[str, list[nn.Parameter]] = {}
     for workload, opt_name, impl, active in _progress(todo, f"{device} rows"):
@@ -363,7 +401,9 @@ def bench_rows(device: str, quick: bool, rounds: int) -> list[Row]:
         ref, mine = torch_cls([p], **kwargs), safe_cls([p], **kwargs, lazy="rows")
         turn = [0]
 
-        def stepper(opt: torch.optim.Optimizer, p: nn.Parameter, grads: list[torch.Tensor]) -> Callable[[], None]:
+        def stepper(
+            opt: torch.optim.Optimizer, p: nn.Parameter, grads: list[torch.Tensor]
+        ) -> Callable[[], None]:
             def step() -> None:
                 p.grad = grads[turn[0] % len(grads)]
                 turn[0] += 1
@@ -389,9 +429,17 @@ def bench_rows(device: str, quick: bool, rounds: int) -> list[Row]:
             t_mine.append(b)
         rows.append(
             Row(
-                device, workload, opt_name, impl, "rows", active,
-                statistics.median(t_torch) * 1e3, statistics.median(t_mine) * 1e3, statistics.median(ratios),
-                _extra_memory_mb(ref_step, device), _extra_memory_mb(mine_step, device),
+                device,
+                workload,
+                opt_name,
+                impl,
+                "rows",
+                active,
+                statistics.median(t_torch) * 1e3,
+                statistics.median(t_mine) * 1e3,
+                statistics.median(ratios),
+                _extra_memory_mb(ref_step, device),
+                _extra_memory_mb(mine_step, device),
             )
         )
         del ref, mine, grads
@@ -430,8 +478,13 @@ def plot_rows(rows: list[Row], path: Path) -> bool:
         for (device, opt_name, impl), rs in series.items():
             rs = sorted(rs, key=lambda r: r.active)
             ax.plot(
-                [fractions.index(r.active) for r in rs], [r.ratio for r in rs], marker="o", markersize=3,
-                color=COLOURS[opt_name], linestyle=styles[impl], linewidth=1,
+                [fractions.index(r.active) for r in rs],
+                [r.ratio for r in rs],
+                marker="o",
+                markersize=3,
+                color=COLOURS[opt_name],
+                linestyle=styles[impl],
+                linewidth=1,
                 label=f"{opt_name} {impl}" + (f" ({device})" if len({r.device for r in rows}) > 1 else ""),
             )
         ax.axhline(1.0, color="black", linewidth=0.8)
@@ -459,17 +512,23 @@ def rows_markdown(rows: list[Row], meta: dict) -> str:
 
     return _table(
         f"Measured {meta['date']} on {meta['machine']}; torch {meta['torch']}; {meta['rounds']} rounds. "
-        "safeopt with lazy=\"rows\" against torch's dense step, same implementation.",
+        'safeopt with lazy="rows" against torch\'s dense step, same implementation.',
         ["device", "workload", "optimizer", "impl", "rows active", *TIMING_HEADER],
         cells(),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a subset that finishes in under a minute")
-    parser.add_argument("--device", choices=["cpu", "cuda"], action="append", help="default: cpu, and cuda if present")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved A/B rounds (default 7, quick 5)")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], action="append", help="default: cpu, and cuda if present"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="interleaved A/B rounds (default 7, quick 5)"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--replot", action="store_true", help="redraw table and plot from <out>/results.json")
     parser.add_argument("--rows", action="store_true", help='only the lazy="rows" workloads')

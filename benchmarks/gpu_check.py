@@ -41,10 +41,24 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_cuda.py", "tests/test_capturable.py", "tests/test_properties.py"]
 
 
-def gpt2_shapes(width: int = 768, blocks: int = 12, vocab: int = 50257, context: int = 1024) -> list[tuple[int, ...]]:
+def gpt2_shapes(
+    width: int = 768, blocks: int = 12, vocab: int = 50257, context: int = 1024
+) -> list[tuple[int, ...]]:
     """GPT-2's parameter tensors, in the order of its state_dict."""
-    block = [(width,), (width,), (width, 3 * width), (3 * width,), (width, width), (width,),
-             (width,), (width,), (width, 4 * width), (4 * width,), (4 * width, width), (width,)]
+    block = [
+        (width,),
+        (width,),
+        (width, 3 * width),
+        (3 * width,),
+        (width, width),
+        (width,),
+        (width,),
+        (width,),
+        (width, 4 * width),
+        (4 * width,),
+        (4 * width, width),
+        (width,),
+    ]
     return [(vocab, width), (context, width), *[s for _ in range(blocks) for s in block], (width,), (width,)]
 
 
@@ -59,11 +73,19 @@ IMPLS: dict[str, dict[str, Any]] = {
 class Workload:
     """Parameters and grads for one optimizer; ``idle`` tensors get all-zero grads."""
 
-    def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device: str, idle: set[int]) -> None:
+    def __init__(
+        self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device: str, idle: set[int]
+    ) -> None:
         gen = torch.Generator(device=device).manual_seed(0)
-        self.params = [torch.nn.Parameter(torch.randn(s, generator=gen, device=device).to(dtype)) for s in shapes]
+        self.params = [
+            torch.nn.Parameter(torch.randn(s, generator=gen, device=device).to(dtype)) for s in shapes
+        ]
         for i, p in enumerate(self.params):
-            p.grad = torch.zeros_like(p) if i in idle else torch.randn(p.shape, generator=gen, device=device).to(dtype)
+            p.grad = (
+                torch.zeros_like(p)
+                if i in idle
+                else torch.randn(p.shape, generator=gen, device=device).to(dtype)
+            )
 
 
 def _stepper(opt: torch.optim.Optimizer, graph: bool, device: str) -> Callable[[], None]:
@@ -112,8 +134,15 @@ def _syncs(opt: torch.optim.Optimizer, device: str) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def measure(shapes: list[tuple[int, ...]], dtype: torch.dtype, impl: str, idle: set[int], device: str,
-            rounds: int, steps: int) -> dict[str, Any]:
+def measure(
+    shapes: list[tuple[int, ...]],
+    dtype: torch.dtype,
+    impl: str,
+    idle: set[int],
+    device: str,
+    rounds: int,
+    steps: int,
+) -> dict[str, Any]:
     kwargs = {"lr": 1e-4, "weight_decay": 0.1, **IMPLS[impl]}
     graph = impl == "graph"
     ours, theirs = Workload(shapes, dtype, device, idle), Workload(shapes, dtype, device, idle)
@@ -197,10 +226,23 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     if not args.bench_only:
         env = {**os.environ, "CI": "true", "PYTHONPATH": str(ROOT)}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *TESTS,
-               "-k", "cuda or Cuda or capturable or Capturable or DeviceDecision", f"--junitxml={out / 'tests.xml'}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            *TESTS,
+            "-k",
+            "cuda or Cuda or capturable or Capturable or DeviceDecision",
+            f"--junitxml={out / 'tests.xml'}",
+        ]
         with open(out / "tests.log", "w") as log:
-            status = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+            status = subprocess.run(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False
+            ).returncode
         print(f"CUDA tests: exit {status} (log in {out / 'tests.log'})", flush=True)
     result = benchmark(args.smoke)
     result["tests_exit_status"] = None if args.bench_only else status

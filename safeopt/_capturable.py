@@ -47,7 +47,9 @@ class _Group:
         self.frozen: list[Tensor] = []  # frozen with a grad: given torch's fresh state, as on the host path
 
 
-def plan(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]], *, strict: bool) -> list[_Group] | None:
+def plan(
+    optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]], *, strict: bool
+) -> list[_Group] | None:
     """Which parameters go into torch's step, and which decide on the device; None when this step
     should be decided on the host instead. Raises under capture when it cannot be made exact."""
     under_capture = capturing()
@@ -96,7 +98,9 @@ def _host_only(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]], *
     return None
 
 
-def _check_started(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]], plans: list[_Group]) -> None:
+def _check_started(
+    optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]], plans: list[_Group]
+) -> None:
     # torch's fused SGD starts a momentum buffer with empty_like and lets the kernel fill it; a
     # skipped first step would leave that garbage in the state, and a graph captured at a first
     # step replays a first step forever.

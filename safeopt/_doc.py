@@ -26,8 +26,7 @@ def lazy_twin_doc(torch_cls: type) -> str:
     name = torch_cls.__name__
     return (
         f"Drop-in :class:`torch.optim.{name}` that never moves a parameter that took no part in a step.\n\n"
-        f"Accepts every argument of ``torch.optim.{name}`` (validated by torch) plus ``lazy``.\n\n"
-        + RULE
+        f"Accepts every argument of ``torch.optim.{name}`` (validated by torch) plus ``lazy``.\n\n" + RULE
     )
 
 

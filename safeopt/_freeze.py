@@ -146,7 +146,8 @@ class FreezeAPI:
         selection = _select(self.param_groups, target)
         groups = self.param_groups
         return all(
-            groups[gi][FROZEN] or all(_param_frozen(groups[gi], pos) for pos in range(len(groups[gi]["params"])))
+            groups[gi][FROZEN]
+            or all(_param_frozen(groups[gi], pos) for pos in range(len(groups[gi]["params"])))
             for gi in selection.groups
         ) and all(_param_frozen(groups[gi], pos) for gi, pos in selection.params)
 

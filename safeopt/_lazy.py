@@ -46,7 +46,9 @@ def lazy_step(
     plans = _rule.plan_step(groups)
     for group, plan in zip(groups, plans):
         if plan.idle_with_grad:
-            _rows.allocate_state(optimizer, group, [p for p in plan.idle_with_grad if not optimizer.state.get(p)])
+            _rows.allocate_state(
+                optimizer, group, [p for p in plan.idle_with_grad if not optimizer.state.get(p)]
+            )
     by_rows = _rows.RowSteps()
     buckets: list[list[torch.Tensor]] = [[] for _ in groups]
     rows = any(group[_rule.LAZY] == _rows.ROWS for group in groups)

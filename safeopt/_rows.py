@@ -194,7 +194,7 @@ def check(optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]], *,
     for i, group in enumerate(groups):
         if group.get("lazy") != ROWS:
             continue
-        if not twin or not isinstance(optimizer, (torch.optim.Adam, torch.optim.SGD)):
+        if not twin or not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):
             raise ValueError(
                 f'lazy="rows" (param group {i}) is supported by safeopt.Adam, safeopt.AdamW and '
                 f'safeopt.SGD only, not through wrap(): use safeopt.Adam(params, ..., lazy="rows") '

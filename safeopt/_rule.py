@@ -95,7 +95,13 @@ def _surely_nonzero(grad: Tensor) -> bool:
     copy); in a dense gradient it is almost never zero. False means "look closer".
     """
     probe = _PROBE.get(grad.dtype)
-    if probe is None or FORCE_DEVICE or not grad.is_cpu or type(grad) is not Tensor or grad.layout is not torch.strided:
+    if (
+        probe is None
+        or FORCE_DEVICE
+        or not grad.is_cpu
+        or type(grad) is not Tensor
+        or grad.layout is not torch.strided
+    ):
         return False
     if not grad.numel():
         return False
@@ -234,7 +240,12 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
             if frozen_at and position in frozen_at:
                 idle.append(p)
                 continue
-            if rows and grad.dim() > 1 and (grad.layout is strided or grad.layout is sparse) and type(grad) is Tensor:
+            if (
+                rows
+                and grad.dim() > 1
+                and (grad.layout is strided or grad.layout is sparse)
+                and type(grad) is Tensor
+            ):
                 by_rows.append((len(result) - 1, p, grad))
                 continue
             if lazy:  # _surely_nonzero, inlined: this line runs for every parameter every step

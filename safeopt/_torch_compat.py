@@ -89,7 +89,9 @@ def allocate_state(
         type(optimizer)._init_group(optimizer, view, *_init_group_args(view, outputs))  # type: ignore[attr-defined]  # private, per class
 
 
-def writes_into_grads(optimizer: torch.optim.Optimizer, group: dict[str, Any], params: list[torch.Tensor]) -> bool:
+def writes_into_grads(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], params: list[torch.Tensor]
+) -> bool:
     """Whether torch's step for this group would modify the grads in place.
 
     torch's foreach SGD with nesterov momentum, no weight decay and no maximize adds
@@ -111,7 +113,9 @@ def writes_into_grads(optimizer: torch.optim.Optimizer, group: dict[str, Any], p
     return bool(foreach)
 
 
-def batches(optimizer: torch.optim.Optimizer, group: dict[str, Any], active: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+def batches(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], active: list[torch.Tensor]
+) -> list[list[torch.Tensor]]:
     """The active parameters of a group, in as many torch steps as torch can take them.
 
     One batch, except for fused SGD with momentum: torch's ``_fused_sgd`` treats a
@@ -140,4 +144,6 @@ def skips_by_found_inf(optimizer: torch.optim.Optimizer, group: dict[str, Any]) 
     decremented by it. ``tests/test_torch_compat.py`` checks that a call with 1 changes
     nothing and a call with 0 equals a call without it.
     """
-    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)) and bool(group.get("fused"))
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)) and bool(
+        group.get("fused")
+    )

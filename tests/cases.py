@@ -156,7 +156,9 @@ def _all_cases(device: str, twins_only: bool) -> list[Case]:
             continue
         inputs = [(i.kwargs, i.desc) for i in info.optim_inputs_func(device=device, dtype=torch.float32)]
         inputs += EXTRA.get(cls, [])
-        impls = ["forloop"] + [impl for impl in ("foreach", "fused", "differentiable") if impl in info.supported_impls]
+        impls = ["forloop"] + [
+            impl for impl in ("foreach", "fused", "differentiable") if impl in info.supported_impls
+        ]
         if "fused" in impls and device not in info.supports_fused_on:
             impls.remove("fused")
         for kwargs, desc in inputs:

@@ -56,4 +56,6 @@ def test_committed_tables_are_generated_from_the_committed_json(bench, tmp_path:
     workloads = {r["workload"] for r in saved["rows"]}
     assert workloads == set(bench.WORKLOADS), "the committed results miss a workload"
     rows = json.loads((RESULTS / "rows.json").read_text())
-    assert rows["meta"]["quick"] is False and {r["workload"] for r in rows["rows"]} == set(bench.ROWS_WORKLOADS)
+    assert rows["meta"]["quick"] is False and {r["workload"] for r in rows["rows"]} == set(
+        bench.ROWS_WORKLOADS
+    )

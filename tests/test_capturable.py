@@ -26,7 +26,12 @@ import safeopt
 from safeopt import _capturable, _rule
 
 # aten ops that copy tensor data to the host.
-HOST_READS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default", "aten.equal.default"}
+HOST_READS = {
+    "aten._local_scalar_dense.default",
+    "aten.item.default",
+    "aten.is_nonzero.default",
+    "aten.equal.default",
+}
 
 
 class _DispatchReads(TorchDispatchMode):
@@ -70,7 +75,7 @@ def _grads(params: list[nn.Parameter], step: int) -> list[torch.Tensor | None]:
     """Per step: an active, an all-zero, a None, a -0.0 and (from step 1) a NaN grad, rotating."""
     gen = torch.Generator().manual_seed(step)
     kinds = ["dense", "zero", "none", "negzero", "nan" if step else "partial"]
-    kinds = kinds[step % len(kinds):] + kinds[: step % len(kinds)]
+    kinds = kinds[step % len(kinds) :] + kinds[: step % len(kinds)]
     return [harness.make_grad(p, kind, gen) for p, kind in zip(params, kinds)]
 
 
@@ -84,7 +89,9 @@ TORCH = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "wrap-Adam": torc
 
 @pytest.mark.parametrize("make", MAKERS)
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_capturable_step_reads_nothing_on_the_host(monkeypatch: pytest.MonkeyPatch, make: str, amsgrad: bool) -> None:
+def test_capturable_step_reads_nothing_on_the_host(
+    monkeypatch: pytest.MonkeyPatch, make: str, amsgrad: bool
+) -> None:
     shapes = [(4, 3), (5,), (2, 2), (3,), (6,)]
     params = harness.make_params(shapes)
     ref_params = [nn.Parameter(p.detach().clone()) for p in params]
@@ -127,7 +134,9 @@ def test_torch_itself_reads_nothing_in_a_capturable_step(monkeypatch: pytest.Mon
 
 
 @pytest.mark.parametrize("probe", [True, False], ids=["probe", "no-probe"])
-def test_eager_device_decision_reads_once_or_twice_per_device(monkeypatch: pytest.MonkeyPatch, probe: bool) -> None:
+def test_eager_device_decision_reads_once_or_twice_per_device(
+    monkeypatch: pytest.MonkeyPatch, probe: bool
+) -> None:
     """Decided as on an accelerator: one read per device when the probe settles every grad (or
     without the probe round), two when some grads need the full reduction; never one per grad."""
     monkeypatch.setattr(_rule, "FORCE_DEVICE", True)
@@ -190,7 +199,9 @@ def test_what_cannot_be_captured_exactly_is_refused_and_changes_nothing(
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_fused_sgd_under_capture_skips_idle_parameters(monkeypatch: pytest.MonkeyPatch, momentum: float) -> None:
+def test_fused_sgd_under_capture_skips_idle_parameters(
+    monkeypatch: pytest.MonkeyPatch, momentum: float
+) -> None:
     """SGD has no capturable option: it decides on the device only under capture. With momentum
     it needs every buffer started before capture (refused otherwise, tested above)."""
     params = harness.make_params([(3, 2), (4,), (5,)])
@@ -214,7 +225,9 @@ def test_fused_sgd_under_capture_skips_idle_parameters(monkeypatch: pytest.Monke
             opt.step()
         assert seen == []
         harness.reference_step(ref, ref_params, grads, active)
-        harness.assert_unchanged(before, opt, params, [i for i, a in enumerate(active) if not a], f"step {step}")
+        harness.assert_unchanged(
+            before, opt, params, [i for i, a in enumerate(active) if not a], f"step {step}"
+        )
         harness.assert_matches_reference(opt, params, ref, ref_params, range(3), f"step {step}")
 
 

@@ -93,7 +93,9 @@ def test_capturable_step_never_synchronises_and_matches_torch(cls: type, dtype: 
         harness.assert_matches_reference(opt, params, ref, ref_params, range(len(params)), f"step {step}")
 
 
-def _graph_case(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer], torch_cls: type, kwargs: dict[str, Any]) -> None:
+def _graph_case(
+    make: Callable[[list[nn.Parameter]], torch.optim.Optimizer], torch_cls: type, kwargs: dict[str, Any]
+) -> None:
     """torch's whole-step capture recipe with static grads; each replay leaves another branch idle,
     and the result equals torch stepping only the active parameters, eagerly."""
     params = harness.make_params(SHAPES, device="cuda")

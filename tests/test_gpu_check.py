@@ -16,7 +16,11 @@ def test_gpu_check_smoke_writes_its_results(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--bench-only"],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads((tmp_path / "gpu_check-smoke.json").read_text())

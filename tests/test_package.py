@@ -34,7 +34,10 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedP
 def clean_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A new venv holding torch (the release running these tests) and the wheel built from ROOT."""
     work = tmp_path_factory.mktemp("package")
-    _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(work / "dist"), str(ROOT)], work)
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(work / "dist"), str(ROOT)],
+        work,
+    )
     (wheel,) = (work / "dist").glob("torch_safeopt-*.whl")
     venv.create(work / "venv", with_pip=True)
     python = work / "venv" / "bin" / "python"
@@ -61,7 +64,11 @@ def test_the_wheel_imports_outside_the_checkout(clean_venv: Path, tmp_path: Path
 
 @pytest.mark.parametrize("entry", ["module", "console_script"])
 def test_the_demo_runs_from_the_wheel(clean_venv: Path, tmp_path: Path, entry: str) -> None:
-    cmd = [str(clean_venv), "-m", "safeopt", "demo"] if entry == "module" else [str(clean_venv.parent / "safeopt"), "demo"]
+    cmd = (
+        [str(clean_venv), "-m", "safeopt", "demo"]
+        if entry == "module"
+        else [str(clean_venv.parent / "safeopt"), "demo"]
+    )
     done = _run(cmd, tmp_path, timeout=300)
     assert "mixture of experts" in done.stdout
     assert "plot skipped: matplotlib is not installed" in done.stdout  # the demo extra is optional

@@ -25,6 +25,7 @@ SCHEDULE = [
 ]
 FROZEN = [set(), set(), {3}, {0, 3}, set()]
 
+
 def run_schedule(case: cases.Case, *, lazy: bool = True, dtype: torch.dtype = torch.float32) -> None:
     requires_grad = case.impl != "differentiable"
     params = harness.make_params(SHAPES, dtype, requires_grad=requires_grad)
@@ -53,7 +54,9 @@ def run_schedule(case: cases.Case, *, lazy: bool = True, dtype: torch.dtype = to
             a is b for a, b in zip((p.grad for p in params), grad_objects)
         ), f"{what}: a grad was replaced"
         harness.assert_unchanged(before, opt, params, [i for i, a in enumerate(active) if not a], what)
-        harness.assert_matches_reference(opt, params, ref, ref_params, [i for i, a in enumerate(active) if a], what)
+        harness.assert_matches_reference(
+            opt, params, ref, ref_params, [i for i, a in enumerate(active) if a], what
+        )
 
 
 @pytest.mark.parametrize("case", cases.params())

@@ -89,7 +89,7 @@ def test_bad_flags_in_a_state_dict_raise_and_change_nothing() -> None:
     for key, value, message in [
         ("frozen_params", [5], "Invalid frozen_params in param group 0 of the state_dict: \\[5\\]"),
         ("frozen", "yes", "Invalid frozen value"),
-        ("lazy", None, "Invalid lazy value: None; expected True, False or \"rows\""),
+        ("lazy", None, 'Invalid lazy value: None; expected True, False or "rows"'),
     ]:
         bad = copy.deepcopy(good)
         bad["param_groups"][0][key] = value

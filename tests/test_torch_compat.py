@@ -51,7 +51,10 @@ def test_step_hooks_run_once_even_when_torch_class_is_hooked() -> None:
 
 @pytest.mark.parametrize(
     "torch_cls",
-    sorted({info.optim_cls for info in optim_db if hasattr(info.optim_cls, "_init_group")}, key=lambda c: c.__name__),
+    sorted(
+        {info.optim_cls for info in optim_db if hasattr(info.optim_cls, "_init_group")},
+        key=lambda c: c.__name__,
+    ),
     ids=lambda c: c.__name__,
 )
 def test_init_group_signature_is_understood(torch_cls: type) -> None:
@@ -59,7 +62,9 @@ def test_init_group_signature_is_understood(torch_cls: type) -> None:
     options it knows (torch 2.6's AdamW takes ``amsgrad``). Otherwise it silently allocates nothing."""
     outputs = _init_group_outputs(torch_cls)
     sig = inspect.signature(torch_cls._init_group)
-    assert outputs is not None, f"torch {TORCH}: {torch_cls.__name__}._init_group{sig} is not (self, group, *lists)"
+    assert outputs is not None, (
+        f"torch {TORCH}: {torch_cls.__name__}._init_group{sig} is not (self, group, *lists)"
+    )
     p = torch.nn.Parameter(torch.ones(2, 2))
     p.grad = torch.ones(2, 2)
     opt = torch_cls([p])
@@ -68,7 +73,9 @@ def test_init_group_signature_is_understood(torch_cls: type) -> None:
     with torch.no_grad():
         torch_cls._init_group(opt, group, *args)
     lists = [a for a in args if isinstance(a, list)]
-    assert lists and all(len(a) in (0, 1) for a in lists), f"torch {TORCH}: {torch_cls.__name__}._init_group{sig}"
+    assert lists and all(len(a) in (0, 1) for a in lists), (
+        f"torch {TORCH}: {torch_cls.__name__}._init_group{sig}"
+    )
     assert lists[0] == [p] or lists[1] == [p.grad], (
         f"torch {TORCH}: {torch_cls.__name__}._init_group{sig} no longer gathers the parameters first"
     )
@@ -78,9 +85,13 @@ def test_default_to_fused_or_foreach_is_there() -> None:
     """writes_into_grads asks torch which implementation a group without ``foreach`` gets."""
     from torch.optim import optimizer
 
-    assert hasattr(optimizer, "_default_to_fused_or_foreach"), f"torch {TORCH} moved _default_to_fused_or_foreach"
+    assert hasattr(optimizer, "_default_to_fused_or_foreach"), (
+        f"torch {TORCH} moved _default_to_fused_or_foreach"
+    )
     fused, foreach = optimizer._default_to_fused_or_foreach([torch.zeros(1)], False, use_fused=False)
-    assert (fused, foreach) == (False, False), f"torch {TORCH}: CPU tensors default to fused={fused}, foreach={foreach}"
+    assert (fused, foreach) == (False, False), (
+        f"torch {TORCH}: CPU tensors default to fused={fused}, foreach={foreach}"
+    )
 
 
 @pytest.mark.parametrize("case", cases.params(where=lambda c: c.impl in ("forloop", "fused")))
@@ -96,7 +107,9 @@ def test_allocated_state_is_what_torch_allocates(case: cases.Case) -> None:
     if not theirs or isinstance(opt, torch.optim.SGD):
         assert not mine  # SGD's buffer is created by its first update, not before
         return
-    assert set(mine) == set(theirs), f"torch {torch.__version__}: {case.id}: {sorted(mine)} != {sorted(theirs)}"
+    assert set(mine) == set(theirs), (
+        f"torch {torch.__version__}: {case.id}: {sorted(mine)} != {sorted(theirs)}"
+    )
     for key in mine:
         a, b = mine[key], theirs[key]
         if isinstance(b, torch.Tensor):
@@ -104,7 +117,9 @@ def test_allocated_state_is_what_torch_allocates(case: cases.Case) -> None:
     harness.assert_fresh(mine, p, case.id)
 
 
-@pytest.mark.parametrize("case", cases.params(twins_only=True, where=lambda c: c.torch_cls is torch.optim.SGD))
+@pytest.mark.parametrize(
+    "case", cases.params(twins_only=True, where=lambda c: c.torch_cls is torch.optim.SGD)
+)
 def test_writes_into_grads_predicts_torch(case: cases.Case) -> None:
     """The predicate is True exactly when torch's step would change the caller's grads."""
     params = harness.make_params([(4,), (2, 2)], requires_grad=case.impl != "differentiable")
@@ -146,7 +161,9 @@ def test_fused_step_skips_a_call_whose_found_inf_is_one(name: str) -> None:
     count back where it was), and a call at 0 must equal a call without found_inf, bit for bit."""
     torch_cls, kwargs = FOUND_INF_CASES[name]
 
-    def stepped(found_inf: float | None) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.optim.Optimizer]:
+    def stepped(
+        found_inf: float | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.optim.Optimizer]:
         p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
         opt = torch_cls([p], **kwargs)
         assert skips_by_found_inf(opt, opt.param_groups[0]), f"torch {TORCH}: {name} fused lost found_inf"
@@ -157,8 +174,12 @@ def test_fused_step_skips_a_call_whose_found_inf_is_one(name: str) -> None:
             opt.found_inf = torch.tensor(found_inf)  # type: ignore[attr-defined]
         opt.step()
         if found_inf == 1.0:
-            assert harness.bit_equal(p.detach(), before[0]), f"torch {TORCH}: found_inf=1 moved {name}'s param"
-            harness.assert_state_equal(opt.state[p], before[1], f"torch {TORCH}: {name} state with found_inf=1")
+            assert harness.bit_equal(p.detach(), before[0]), (
+                f"torch {TORCH}: found_inf=1 moved {name}'s param"
+            )
+            harness.assert_state_equal(
+                opt.state[p], before[1], f"torch {TORCH}: {name} state with found_inf=1"
+            )
         return p.detach().clone(), harness.clone_state(opt.state[p]), opt
 
     stepped(1.0)
