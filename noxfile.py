@@ -29,7 +29,7 @@ SUPPORTED = ("2.6.0", "2.7.1", "2.8.0", "2.9.1", "2.10.0", "2.11.0", "2.12.1", "
 OLDEST, NEWEST = SUPPORTED[0], SUPPORTED[-1]
 
 # What a torch release can break: parity with torch over its optim_db, the seams with their
-# canaries, the property machines, checkpoints, torch's own errors, rows.
+# canaries, the property machines, checkpoints, torch's own errors, rows, the capturable step.
 COMPAT = [
     "tests/test_parity.py",
     "tests/test_torch_compat.py",
@@ -38,6 +38,7 @@ COMPAT = [
     "tests/test_errors.py",
     "tests/test_rows.py",
     "tests/test_rule.py",
+    "tests/test_capturable.py",
 ]
 
 ROOT = Path(__file__).parent
@@ -51,10 +52,29 @@ def _install(session: nox.Session, torch: str) -> None:
     # run_install: skipped, like session.install, under --no-install (reused environment as it is).
     session.run_install("python", "-c", f"import shutil; shutil.rmtree({wheels!r}, ignore_errors=True)")
     session.run_install("python", "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", wheels, str(ROOT))
-    constraints = str(ROOT / ".ci" / "constraints.txt")
+    constraints = _constraints_beside_torch()
     session.install("-c", constraints, "--find-links", wheels, "torch-safeopt[test]", f"torch=={torch}")
     # A reused environment may hold a wheel of the same version built from older code.
     session.install("--force-reinstall", "--no-deps", "--no-index", "--find-links", wheels, "torch-safeopt")
+
+
+# torch's own requirements: each torch release pins them itself (torch 2.6: sympy==1.13.1), so the
+# pins CI takes for its default torch must not apply to them.
+TORCH_REQUIREMENTS = {"filelock", "fsspec", "jinja2", "markupsafe", "mpmath", "networkx", "sympy", "typing-extensions"}
+
+
+def _constraints_beside_torch() -> str:
+    """.ci/constraints.txt without torch's own requirements."""
+    out = DIST / "constraints-beside-torch.txt"
+    DIST.mkdir(parents=True, exist_ok=True)
+    lines = (ROOT / ".ci" / "constraints.txt").read_text().splitlines()
+    kept = [
+        line
+        for line in lines
+        if line.split("==")[0].strip().lower().replace("_", "-") not in TORCH_REQUIREMENTS
+    ]
+    out.write_text("\n".join(kept) + "\n")
+    return str(out)
 
 
 def _pytest(session: nox.Session, *args: str, ci: bool = True) -> None:

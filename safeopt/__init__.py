@@ -1,6 +1,7 @@
 """safeopt: torch.optim optimizers that never move a parameter that took no part in a step."""
 
 from safeopt._audit import AuditReport, audit
+from safeopt._bench import bench
 from safeopt._freeze import Target
 from safeopt._optimizers import SGD, Adam, AdamW
 from safeopt._watch import Watch, WatchReport, watch
@@ -19,6 +20,7 @@ __all__ = [
     "WatchReport",
     "__version__",
     "audit",
+    "bench",
     "watch",
     "wrap",
 ]

@@ -1,277 +1,82 @@
-"""``python -m safeopt demo``: the ghost update, measured with torch.optim and with safeopt.
+"""``python -m safeopt``: the command line (``demo`` and ``bench``); the work is done elsewhere.
 
-Each scenario trains a small model the way people do, once with a ``torch.optim`` optimizer and
-once with its safeopt twin, under :func:`safeopt.watch`, which records how far every parameter
-moved in the steps where it had no gradient. Prints a table and writes a plot of that drift
-against the step (needs matplotlib: ``pip install "safeopt[demo]"``).
+``demo``: the ghost update, measured with torch.optim and with safeopt, on the scenarios of
+``safeopt/_scenarios.py`` (table and plot: ``safeopt/_demo.py``). ``bench``: safeopt's step time
+against torch's on parameters of given shapes or on a model you name (``safeopt/_bench.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-import safeopt
-from safeopt._watch import WatchReport
+from safeopt._bench import bench
+from safeopt._demo import demo
 
-#: A scenario builds its model and optimizer from an optimizer class and returns them with the
-#: function that runs training step ``i`` (zero_grad, backward, step).
-Build = Callable[[type], tuple[nn.Module, torch.optim.Optimizer, Callable[[int], None]]]
+__all__ = ["main"]
 
 
-class Scenario(NamedTuple):
-    name: str
-    optimizer: str  # the class name, in torch.optim and in safeopt
-    steps: int
-    idle: str  # which parameters go without a gradient, and when
-    build: Build
+def _optimizer(spec: str) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    """``"AdamW(lr=1e-3, fused=True)"``: a torch.optim class and literal keyword arguments."""
+    try:
+        call = ast.parse(spec if "(" in spec else spec + "()", mode="eval").body
+        if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
+            raise ValueError
+        cls = getattr(torch.optim, call.func.id)
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg is not None}
+    except (SyntaxError, ValueError, AttributeError):
+        raise argparse.ArgumentTypeError(
+            f"{spec!r}: expected a torch.optim class with literal keyword arguments, e.g. 'AdamW(lr=1e-3, fused=True)'"
+        ) from None
+    return lambda params: cls(params, **kwargs)
 
 
-def _mlp(d_in: int = 8, d_out: int = 8) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, 16), nn.Tanh(), nn.Linear(16, d_out))
+def _tensors(spec: str) -> tuple[int, tuple[int, ...]]:
+    """``"100x2000"``: 100 tensors of 2,000 elements; ``"12x768x3072"``: 12 of 768 x 3072."""
+    try:
+        count, *shape = (int(n) for n in spec.lower().split("x"))
+    except ValueError:
+        count, shape = 0, []
+    if count < 1 or not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected COUNTxD1[xD2...], e.g. 100x2000 or 12x768x3072")
+    return count, tuple(shape)
 
 
-def _batch(step: int, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(step))
+def _model(spec: str) -> Any:
+    """``"package.module:function"``: called with no arguments, it returns a module or its parameters."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected MODULE:FUNCTION, e.g. mypackage.models:build")
+    return getattr(importlib.import_module(module), name)
 
 
-def _two_branches(opt_cls: type) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[int], None]]:
-    model = nn.ModuleDict({"a": _mlp(), "b": _mlp()})
-    opt = opt_cls(model.parameters(), lr=1e-2)
-
-    def step(i: int) -> None:
-        branch = model["a"] if (i // 10) % 2 == 0 else model["b"]  # 10 steps each, in turn
-        opt.zero_grad(set_to_none=False)
-        branch(_batch(i, 32, 8)).pow(2).mean().backward()
-        opt.step()
-
-    return model, opt, step
-
-
-def _detach_every_other_epoch(
-    opt_cls: type,
-) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[int], None]]:
-    model = nn.ModuleDict({"encoder": _mlp(), "head": _mlp()})
-    opt = opt_cls(model.parameters(), lr=1e-2, weight_decay=0.1)
-
-    def step(i: int) -> None:
-        features = model["encoder"](_batch(i, 32, 8))
-        if (i // 10) % 2 == 1:  # odd epochs of 10 steps train the head alone
-            features = features.detach()
-        opt.zero_grad(set_to_none=False)
-        model["head"](features).pow(2).mean().backward()
-        opt.step()
-
-    return model, opt, step
-
-
-def _sgd_momentum(opt_cls: type) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[int], None]]:
-    model = nn.ModuleDict({"body": _mlp(), "aux_head": nn.Linear(8, 1)})
-    opt = opt_cls(model.parameters(), lr=0.05, momentum=0.9)
-
-    def step(i: int) -> None:
-        features = model["body"](_batch(i, 32, 8))
-        loss = features.pow(2).mean()
-        if i % 5 == 0:  # the auxiliary loss is computed on every 5th batch only
-            loss = loss + (model["aux_head"](features) - 1).pow(2).mean()
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
-        opt.step()
-
-    return model, opt, step
-
-
-def _gan(opt_cls: type) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[int], None]]:
-    model = nn.ModuleDict({"generator": _mlp(4, 8), "discriminator": _mlp(8, 1)})
-    gen, disc = model["generator"], model["discriminator"]
-    opt = opt_cls(model.parameters(), lr=1e-3, betas=(0.5, 0.999))
-    ones, zeros = torch.ones(32, 1), torch.zeros(32, 1)
-
-    def step(i: int) -> None:
-        z = _batch(i, 32, 4)
-        opt.zero_grad(set_to_none=False)
-        if i % 2 == 0:  # discriminator step: the generator's grads stay zero
-            real = _batch(10_000 + i, 32, 8) + 2
-            loss = F.binary_cross_entropy_with_logits(disc(real), ones)
-            loss = loss + F.binary_cross_entropy_with_logits(disc(gen(z).detach()), zeros)
-            loss.backward()
-        else:  # generator step: the discriminator is switched off, its grads stay zero
-            disc.requires_grad_(False)
-            F.binary_cross_entropy_with_logits(disc(gen(z)), ones).backward()
-            disc.requires_grad_(True)
-        opt.step()
-
-    return model, opt, step
-
-
-class _MoE(nn.Module):
-    """Hash routing: a token of domain ``d`` goes to expert ``d % n_experts``."""
-
-    def __init__(self, n_experts: int = 4, dim: int = 8) -> None:
-        super().__init__()
-        self.experts = nn.ModuleList(nn.Linear(dim, dim) for _ in range(n_experts))
-
-    def forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            idx = (domain % len(self.experts) == e).nonzero().flatten()
-            out = out.index_add(0, idx, expert(x[idx]))  # no tokens: a zero grad, not None
-        return out
-
-
-def _moe(opt_cls: type) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[int], None]]:
-    model = _MoE()
-    opt = opt_cls(model.parameters(), lr=1e-2)
-
-    def step(i: int) -> None:
-        domains = 4 if i < 10 else 2  # after 10 steps the data holds two domains: experts 2, 3 idle
-        domain = torch.randint(domains, (64,), generator=torch.Generator().manual_seed(i))
-        opt.zero_grad()  # set_to_none=True does not help: idle experts still get zero grads
-        model(_batch(i, 64, 8), domain).pow(2).mean().backward()
-        opt.step()
-
-    return model, opt, step
-
-
-SCENARIOS = [
-    Scenario(
-        "two branches, one at a time",
-        "Adam",
-        60,
-        "the branch not trained, every other 10 steps",
-        _two_branches,
-    ),
-    Scenario(
-        "detach every other epoch",
-        "AdamW",
-        60,
-        "the encoder in odd epochs (weight_decay=0.1)",
-        _detach_every_other_epoch,
-    ),
-    Scenario(
-        "SGD momentum, zeroed grads", "SGD", 60, "an auxiliary head used on every 5th batch", _sgd_momentum
-    ),
-    Scenario("GAN, one optimizer", "Adam", 60, "generator and discriminator in turn", _gan),
-    Scenario("mixture of experts", "Adam", 60, "experts 2 and 3 once their domains leave the data", _moe),
-]
-
-
-class Result(NamedTuple):
-    scenario: Scenario
-    n_params: int  # parameter tensors in the model
-    torch_report: WatchReport
-    safeopt_report: WatchReport
-
-
-def run(scenario: Scenario, opt_cls: type) -> tuple[int, WatchReport]:
-    """Train ``scenario`` with ``opt_cls`` under :func:`safeopt.watch`; seeded, so both runs match."""
-    torch.manual_seed(0)
-    model, opt, step = scenario.build(opt_cls)
-    with safeopt.watch(opt, model) as watched:
-        for i in range(scenario.steps):
-            step(i)
-    return len(list(model.parameters())), watched.report()
-
-
-def run_all(scenarios: Sequence[Scenario] = SCENARIOS) -> list[Result]:
-    results = []
-    for s in scenarios:
-        n, torch_report = run(s, getattr(torch.optim, s.optimizer))
-        _, safeopt_report = run(s, getattr(safeopt, s.optimizer))
-        results.append(Result(s, n, torch_report, safeopt_report))
-    return results
-
-
-def table(results: Sequence[Result]) -> str:
-    def cell(r: WatchReport) -> str:
-        return f"{len(r.moved):>5}  {r.l2:>8.3g}  {r.max_abs:>8.3g}"
-
-    width = max(len(r.scenario.name) for r in results)
-    lines = [
-        f"{'':<{width}}  {'':<9}  {'':>5}  {'idle':>6}  {'---- torch.optim ----':^25}  {'------ safeopt ------':^25}",
-        f"{'scenario':<{width}}  {'optimizer':<9}  {'steps':>5}  {'params':>6}  "
-        + "  ".join([f"{'moved':>5}  {'drift L2':>8}  {'max abs':>8}"] * 2),
-    ]
-    lines.append("-" * len(lines[-1]))
-    for r in results:
-        idle = f"{len(r.torch_report.params)}/{r.n_params}"
-        lines.append(
-            f"{r.scenario.name:<{width}}  {r.scenario.optimizer:<9}  {r.scenario.steps:>5}  {idle:>6}  "
-            f"{cell(r.torch_report)}  {cell(r.safeopt_report)}"
-        )
-    lines += [
-        "",
-        "idle params: parameter tensors that had no gradient (None or all zero) in some step, of all.",
-        "moved: how many of them the optimizer changed anyway in such a step (the ghost update);",
-        "drift: the sum of those changes over the run, L2 norm and largest element.",
-    ]
-    return "\n".join(lines)
-
-
-def plot(results: Sequence[Result], out: Path) -> None:
-    """Drift of the idle parameters against the step, one panel per scenario (needs matplotlib)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(13, 7.5), layout="constrained")
-    axes = fig.subplots(2, 3).flatten()
-    for ax, r in zip(axes, results):
-        s = r.scenario
-        steps = range(1, s.steps + 1)
-        ax.plot(steps, r.torch_report.history, color="tab:red", label=f"torch.optim.{s.optimizer}")
-        ax.plot(
-            steps, r.safeopt_report.history, color="tab:blue", linestyle="--", label=f"safeopt.{s.optimizer}"
-        )
-        ax.set_title(f"{s.name}\nidle: {s.idle}", fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel("drift without a gradient (L2)")
-        ax.legend(fontsize=8, loc="upper left")
-        ax.grid(alpha=0.3)
-    for ax in axes[len(results) :]:
-        ax.axis("off")
-    axes[-1].text(
-        0.0,
-        0.5,
-        "drift: the sum of the changes the optimizer made to\n"
-        "parameters in steps where their grad was None or all\n"
-        "zero, L2 norm over all of them, after each step.\n\n"
-        "safeopt leaves such a parameter untouched: its line\n"
-        "stays at 0.",
-        transform=axes[-1].transAxes,
-        fontsize=10,
-        va="center",
-    )
-    fig.suptitle("How far parameters move in steps where they have no gradient")
-    fig.savefig(out, dpi=100)
-
-
-def demo(out: Path | None = Path("safeopt-demo.png")) -> int:
-    """Run every scenario, print the table, write the plot to ``out`` (None: no plot).
-
-    Returns 0, or 1 if a safeopt optimizer moved a parameter that had no gradient.
-    """
-    start = time.perf_counter()
-    results = run_all()
-    print(table(results))
-    if out is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print(
-                '\nplot skipped: matplotlib is not installed (pip install "safeopt[demo]" or pip install matplotlib)'
-            )
+def _bench(args: argparse.Namespace) -> int:
+    with torch.device(args.device):
+        if args.model is not None:
+            model = args.model()
         else:
-            plot(results, out)
-            print(f"\nplot: {out}")
-    print(f"({time.perf_counter() - start:.1f} s)")
-    return 0 if not any(r.safeopt_report for r in results) else 1
+            model = [
+                nn.Parameter(torch.randn(shape, dtype=args.dtype))
+                for n, shape in args.tensors
+                for _ in range(n)
+            ]
+    bench(
+        model,
+        args.optimizer,
+        idle=args.idle,
+        idle_by=args.idle_by,
+        rounds=args.rounds,
+        min_run_time=args.min_run_time,
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -280,10 +85,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     d = sub.add_parser("demo", help="show how far idle parameters drift under torch.optim and under safeopt")
     d.add_argument("--out", type=Path, default=Path("safeopt-demo.png"), help="where to write the plot (PNG)")
     d.add_argument("--no-plot", action="store_true", help="print the table only")
+    b = sub.add_parser("bench", help="time safeopt's step against torch's, interleaved in one process")
+    what = b.add_mutually_exclusive_group()
+    what.add_argument(
+        "--tensors",
+        type=_tensors,
+        action="append",
+        metavar="COUNTxSHAPE",
+        help="parameters to step, e.g. 100x2000 (repeatable; default 100x2000)",
+    )
+    what.add_argument(
+        "--model",
+        type=_model,
+        metavar="MODULE:FUNCTION",
+        help="a function returning your model (nn.Module) or its parameters",
+    )
+    b.add_argument(
+        "--optimizer",
+        type=_optimizer,
+        default=_optimizer("AdamW"),
+        metavar="'CLASS(KEY=VALUE, ...)'",
+        help="a torch.optim class and its options (default AdamW)",
+    )
+    b.add_argument("--idle", type=float, nargs="+", default=[0.0, 0.5], help="fractions idle (default 0 0.5)")
+    b.add_argument(
+        "--idle-by",
+        choices=["zero", "freeze", "rows"],
+        default="zero",
+        help="how the idle part gets no gradient (default zero grads)",
+    )
+    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    b.add_argument("--dtype", type=lambda s: getattr(torch, s), default=torch.float32, help="for --tensors")
+    b.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    b.add_argument("--min-run-time", type=float, default=1.0, help="seconds timed per side (default 1)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(None if args.no_plot else args.out)
-    return 2  # pragma: no cover - argparse rejects other commands
+    if args.tensors is None:
+        args.tensors = [_tensors("100x2000")]
+    return _bench(args)
 
 
 if __name__ == "__main__":

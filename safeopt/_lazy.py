@@ -49,7 +49,8 @@ def lazy_step(
             _rows.allocate_state(optimizer, group, [p for p in plan.idle_with_grad if not optimizer.state.get(p)])
     by_rows = _rows.RowSteps()
     buckets: list[list[torch.Tensor]] = [[] for _ in groups]
-    if any(group[_rule.LAZY] == _rows.ROWS for group in groups):
+    rows = any(group[_rule.LAZY] == _rows.ROWS for group in groups)
+    if rows:
         buckets = by_rows.prepare(optimizer, groups, plans)  # lazy="rows": views or gathered rows
 
     guarded: list[tuple[torch.Tensor, torch.Tensor]] = [

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from safeopt.__main__ import SCENARIOS, Result, main, run_all
+from safeopt.__main__ import main
+from safeopt._scenarios import SCENARIOS, Result, run_all
 
 ROOT = Path(__file__).resolve().parents[1]
 

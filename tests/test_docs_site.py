@@ -45,38 +45,52 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def text_of(markup: str) -> str:
+    """Markup as text: tags dropped (highlighting splits code into spans), entities decoded."""
+    return html.unescape(re.sub(r"<[^>]+>", "", markup))
+
+
 def text(page: Path) -> str:
-    """The page's text: tags dropped (highlighting splits code into spans), entities decoded."""
-    return html.unescape(re.sub(r"<[^>]+>", "", page.read_text(encoding="utf-8")))
+    return text_of(page.read_text(encoding="utf-8"))
 
 
 def test_every_nav_page_is_built(site: Path) -> None:
-    for page in ["getting-started", "rule", "recipes", "diagnostics", "migrating", "faq", "api", "reference"]:
+    for page in [
+        "getting-started",
+        "rule",
+        "recipes",
+        "diagnostics",
+        "migrating",
+        "faq",
+        "api",
+        "benchmarks",
+    ]:
         assert (site / page / "index.html").is_file(), page
     assert (site / "index.html").is_file()
 
 
-def test_the_reference_is_generated_from_the_docstrings(site: Path) -> None:
+def test_the_api_page_is_generated_from_the_docstrings_of_every_public_name(site: Path) -> None:
     import safeopt
 
-    reference = text(site / "reference" / "index.html")
-    for name in [
-        "Adam",
-        "AdamW",
-        "SGD",
-        "wrap",
-        "LazyWrapper",
-        "audit",
-        "AuditReport",
-        "watch",
-        "Watch",
-        "WatchReport",
-    ]:
-        assert f"safeopt.{name}" in reference, name
-    # A sentence from a docstring, not from the Markdown source.
-    first = (safeopt.watch.__doc__ or "").split("\n")[0].replace("``", "")
-    assert first in reference
-    assert ":meth:" not in reference  # Sphinx roles are dropped
+    page = (site / "api" / "index.html").read_text(encoding="utf-8")
+    ids = set(re.findall(r'<h[2-4][^>]*\bid="([^"]+)"', page))
+    headings = {
+        text_of(h).strip().rstrip("¶").strip()
+        for h in re.findall(r"<h[2-4][^>]*>(.*?)</h[2-4]>", page, re.DOTALL)
+    }
+    for name in safeopt.__all__:
+        if name != "__version__":
+            assert f"safeopt.{name}" in ids or f"safeopt.{name}" in headings, (
+                f"docs/api.md has no entry for {name}"
+            )
+    api = text(site / "api" / "index.html")
+    for method in ["freeze", "unfreeze", "is_frozen", "frozen"]:  # the freeze API, from its docstrings
+        assert f"{method}(target" in api, method
+    # Sentences from docstrings, not from the Markdown source.
+    for fn in (safeopt.watch, safeopt.bench):
+        assert (fn.__doc__ or "").split("\n")[0].replace("``", "") in api
+    assert "table(limit: int | None = 20)" in api  # the signature as the code has it
+    assert ":meth:" not in api  # Sphinx roles are dropped
 
 
 def test_recipes_show_the_tested_examples_and_link_them(site: Path) -> None:
