@@ -14,20 +14,22 @@ import ctypes
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, Union
 
 import torch
 from torch import Tensor
 
 from safeopt._rows import ROWS, active_rows
 
-__all__ = ["FLAG_KEYS", "GroupPlan", "check_flags", "check_lazy", "fill_flags", "nonzero_flags", "plan_step"]
+__all__ = ["FLAG_KEYS", "GroupPlan", "Lazy", "check_flags", "check_lazy", "fill_flags", "nonzero_flags", "plan_step"]
 
 #: Param-group keys safeopt adds. They travel in ``state_dict()`` like any other
 #: hyperparameter; torch ignores them, so the state_dict still loads into torch.
 FROZEN = "frozen"  # bool: the whole group is frozen
 FROZEN_PARAMS = "frozen_params"  # sorted positions in group["params"] frozen one by one
 LAZY = "lazy"  # True, False or "rows": an all-zero grad (or grad row) makes a parameter (or row) inactive
+#: The ``lazy`` option's type, wherever it is taken.
+Lazy = Union[bool, Literal["rows"]]
 FLAG_KEYS = (FROZEN, FROZEN_PARAMS, LAZY)
 
 
