@@ -1,10 +1,10 @@
 """safeopt: torch.optim optimizers that never move a parameter that took no part in a step."""
 
-from safeopt._audit import AuditReport, audit
+from safeopt._audit import AuditReport, Finding, audit
 from safeopt._bench import bench
 from safeopt._freeze import Target
 from safeopt._optimizers import SGD, Adam, AdamW
-from safeopt._watch import Watch, WatchReport, watch
+from safeopt._watch import ParamDrift, Watch, WatchReport, watch
 from safeopt._wrap import LazyWrapper, wrap
 
 __version__ = "0.1.0"
@@ -14,7 +14,9 @@ __all__ = [
     "Adam",
     "AdamW",
     "AuditReport",
+    "Finding",
     "LazyWrapper",
+    "ParamDrift",
     "Target",
     "Watch",
     "WatchReport",

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from safeopt._optimizers import SGD, Adam, AdamW
+from safeopt._rule import Lazy
 from safeopt._wrap import wrap
 
 if TYPE_CHECKING:
@@ -175,7 +176,7 @@ def _describe(opt: Optimizer) -> str:
     return type(opt).__name__ + (f" {impl}" if impl else "")
 
 
-def _twin(opt: Optimizer, lazy: bool | str) -> Optimizer:
+def _twin(opt: Optimizer, lazy: Lazy) -> Optimizer:
     """The safeopt optimizer that does what ``opt`` does: the twin class, else ``wrap(opt)``."""
     cls = _TWINS.get(type(opt))
     if cls is None:
@@ -260,7 +261,7 @@ def _measure(
     for p, g in zip(params, grads[0]):
         p.grad = g
     ref = optimizer(params)
-    lazy: bool | str = "rows" if idle_by == "rows" else True
+    lazy: Lazy = "rows" if idle_by == "rows" else True
     mine = safe_optimizer(params) if safe_optimizer is not None else _twin(optimizer(params), lazy)
     if idle_by == "freeze":
         frozen = _idle_tensors(params, idle)

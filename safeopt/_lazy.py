@@ -9,7 +9,7 @@ are not touched at all: not their values, not their state, not their grads.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -22,22 +22,38 @@ __all__ = ["LazyOptimizer", "add_group", "lazy_step", "load_state"]
 
 def lazy_step(
     optimizer: torch.optim.Optimizer,
-    step: Callable[[], Any],
+    step: Callable[..., Any],
     closure: Callable[[], Any] | None,
     *,
     before: Callable[[list[_rule.GroupPlan]], Callable[[], None]] | None = None,
+    hide: Literal["params", "grads"] = "params",
+    pass_closure: bool = False,
 ) -> Any:
-    """Run ``step()`` (which must not take the closure) on the active parameters only.
+    """Run ``step()`` on the active parameters only.
 
-    ``before(plans)``, if given, runs after the plan is made and returns a function
-    that runs after the step, also when it raises (``wrap(strict=True)`` uses it).
+    ``hide`` says how the step is kept from the inactive parameters: ``"params"`` lists only the
+    active ones in ``group["params"]`` for the call; ``"grads"`` leaves every list as it is and
+    sets the grad of each inactive parameter to None for the call (positions in the group stay
+    what the optimizer was built with; the grads are put back, the same objects, afterwards).
+
+    A closure is evaluated once, before the decision, and ``step()`` gets none; with
+    ``pass_closure`` (and some grad present to decide from) the grads present decide, and
+    ``step(closure)`` gets a closure that hides the inactive parameters' grads again after each
+    evaluation (the grads they had before the step are put back afterwards).
+
+    ``before(plans)``, if given, runs after the plan is made and returns a function that runs
+    after the step, also when it raises (``wrap(strict=True)`` uses it).
     """
     loss = None
-    if closure is not None:
+    groups = optimizer.param_groups
+    # No grad at all: torch's pattern, where the closure makes the grads; nothing to decide from yet.
+    pass_closure = (
+        pass_closure and closure is not None and any(p.grad is not None for g in groups for p in g["params"])
+    )
+    if closure is not None and not pass_closure:
         with torch.enable_grad():
             loss = closure()
 
-    groups = optimizer.param_groups
     _rows.check(optimizer, groups, twin=isinstance(optimizer, LazyOptimizer))
     on_device = _capturable.plan(optimizer, groups, strict=before is not None)
     if on_device is not None:  # capturable or capturing: no host read
@@ -69,20 +85,60 @@ def lazy_step(
     for group, plan, extra in zip(groups, plans, buckets):
         steps = batches(optimizer, group, plan.active) + (batches(optimizer, group, extra) if extra else [])
         rounds.append([batch for batch in steps if batch] or [[]])
+    if hide == "grads" and any(buckets):
+        raise ValueError('hide="grads" cannot step gathered rows (lazy="rows"): they are not in the group')
     after = before(plans) if before is not None else None
     all_params = [group["params"] for group in groups]
+    # With grads hidden or a closure run inside the step, every grad of the groups is put back
+    # afterwards, the same object (a closure may give an inactive parameter a new grad).
+    held = [(p, p.grad) for params in all_params for p in params] if hide == "grads" or pass_closure else []
     stepped = False
+    result = None
     try:
         for p, grad in guarded:
             p.grad = grad.clone()
-        for r in range(max(map(len, rounds), default=1)):
-            for group, batch in zip(groups, rounds):
-                group["params"] = batch[r] if r < len(batch) else []
-            step()
+        # Nothing active: the wrapped step is not called. torch's step given only None grads does
+        # nothing; some others raise on it (Ranger21, DAdaptSGD) or count it in a group counter.
+        nothing = not any(plan.active for plan in plans) and not any(buckets)
+        for r in range(0 if nothing else max(map(len, rounds), default=1)):
+            if hide == "grads":
+                stepping = {id(p) for batch in rounds if r < len(batch) for p in batch[r]}
+                hidden = [p for params in all_params for p in params if id(p) not in stepping]
+                for p, grad in held:  # a round-hidden active parameter's grad, back for its round
+                    if id(p) in stepping and p.grad is None:
+                        p.grad = grad
+            else:
+                stepping = {id(p) for plan in plans for p in plan.active}
+                hidden = (
+                    [p for params in all_params for p in params if id(p) not in stepping]
+                    if pass_closure
+                    else []
+                )
+                for group, batch in zip(groups, rounds):
+                    group["params"] = batch[r] if r < len(batch) else []
+            for p in hidden:
+                p.grad = None if hide == "grads" else p.grad
+            if pass_closure:
+
+                def inner_closure(hidden: list[torch.Tensor] = hidden) -> Any:
+                    with torch.enable_grad():
+                        value = closure()  # type: ignore[misc]
+                    for p in hidden:  # grads the closure gave inactive parameters stay out of the step
+                        p.grad = None
+                    return value
+
+                result = step(inner_closure)
+            else:
+                step()
+        if nothing and pass_closure:  # the loss is still the caller's to have
+            with torch.enable_grad():
+                result = closure()  # type: ignore[misc]
         stepped = True
     finally:
         for group, params in zip(groups, all_params):
             group["params"] = params
+        for p, grad in held:
+            p.grad = grad
         for p, grad in guarded:
             p.grad = grad
         try:
@@ -91,7 +147,7 @@ def lazy_step(
         finally:
             if after is not None:
                 after()
-    return loss
+    return result if pass_closure else loss
 
 
 def add_group(
@@ -143,7 +199,7 @@ class LazyOptimizer(FreezeAPI):
     defaults: dict[str, Any]
     state: Any
 
-    def __init__(self, params: Any, *args: Any, lazy: bool | str = True, **kwargs: Any) -> None:
+    def __init__(self, params: Any, *args: Any, lazy: _rule.Lazy = True, **kwargs: Any) -> None:
         _rule.check_lazy(lazy)
         super().__init__(params, *args, **kwargs)  # type: ignore[call-arg]
         self.defaults.update({_rule.LAZY: lazy, _rule.FROZEN: False})

@@ -14,7 +14,7 @@ import ctypes
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -22,13 +22,24 @@ from torch import Tensor
 from safeopt import _device
 from safeopt._rows import ROWS, touched_rows
 
-__all__ = ["FLAG_KEYS", "GroupPlan", "check_flags", "check_lazy", "fill_flags", "nonzero_flags", "plan_step"]
+__all__ = [
+    "FLAG_KEYS",
+    "GroupPlan",
+    "Lazy",
+    "check_flags",
+    "check_lazy",
+    "fill_flags",
+    "nonzero_flags",
+    "plan_step",
+]
 
 #: Param-group keys safeopt adds. They travel in ``state_dict()`` like any other
 #: hyperparameter; torch ignores them, so the state_dict still loads into torch.
 FROZEN = "frozen"  # bool: the whole group is frozen
 FROZEN_PARAMS = "frozen_params"  # sorted positions in group["params"] frozen one by one
 LAZY = "lazy"  # True, False or "rows": an all-zero grad (or grad row) makes a parameter (or row) inactive
+#: The ``lazy`` option's type, wherever it is taken.
+Lazy = bool | Literal["rows"]
 FLAG_KEYS = (FROZEN, FROZEN_PARAMS, LAZY)
 
 #: Private switches. FORCE_DEVICE decides CPU grads as accelerator grads are decided (no host

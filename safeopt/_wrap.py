@@ -9,13 +9,16 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from safeopt import _rule
+from safeopt import _rows, _rule
 from safeopt._doc import RULE
 from safeopt._freeze import FreezeAPI
 from safeopt._lazy import LazyOptimizer, add_group, lazy_step, load_state
 from safeopt._torch_compat import unhooked
 
 __all__ = ["LazyWrapper", "wrap"]
+
+# What Optimizer.__init__ sets on an instance; an optimizer without them never called it.
+_SET_BY_INIT = ("param_groups", "state", "defaults", "_optimizer_step_pre_hooks")
 
 # Attributes that live on the wrapped optimizer, so that the wrapper and the
 # optimizer it wraps are one optimizer: an LR scheduler changing the wrapper's
@@ -65,7 +68,7 @@ def _shared(name: str) -> property:
 class LazyWrapper(FreezeAPI, Optimizer):
     """A torch optimizer seen through the lazy rule; made by :func:`wrap`."""
 
-    def __init__(self, optimizer: Optimizer, *, strict: bool = False, lazy: bool = True) -> None:
+    def __init__(self, optimizer: Optimizer, *, strict: bool = False, lazy: _rule.Lazy = True) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"wrap() takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, (LazyOptimizer, LazyWrapper)):
@@ -75,17 +78,32 @@ class LazyWrapper(FreezeAPI, Optimizer):
                 "LBFGS re-evaluates its closure inside step(), after safeopt has decided which "
                 "parameters take part; wrap() cannot keep its guarantee for it"
             )
+        missing = [name for name in _SET_BY_INIT if name not in vars(optimizer)]
+        if missing:
+            raise ValueError(
+                f"the {type(optimizer).__name__} subclasses torch.optim.Optimizer without calling "
+                f"Optimizer.__init__ (it has no {', '.join(missing)}), as optimizers that wrap another "
+                f"one (Lookahead) do; wrap() cannot share its groups, state and hooks. Wrap the "
+                f"optimizer inside it instead: {type(optimizer).__name__}(safeopt.wrap(inner), ...)"
+            )
         if not isinstance(strict, bool):
             raise TypeError(f"strict must be True or False, got {strict!r}")
         _rule.check_lazy(lazy)
         for i, group in enumerate(optimizer.param_groups):
             _rule.check_flags(group, len(group["params"]), f"param group {i}")
+        _no_rows(
+            optimizer,
+            [{**group, _rule.LAZY: group.get(_rule.LAZY, lazy)} for group in optimizer.param_groups],
+        )
         super().__init__(optimizer.param_groups, optimizer.defaults)
         for name in _SHARED:
             self.__dict__.pop("_own_" + name, None)
         self.__dict__["_inner"] = optimizer
         self._strict = strict
         self._step = unhooked(type(optimizer).step)
+        # torch's own optimizers evaluate a closure before reading any grad: safeopt does that for
+        # them, once, before the decision. Others (SAM) may need it inside their step.
+        self._own_closure = type(optimizer).step.__module__.startswith("torch.optim")
         self.defaults.update({_rule.LAZY: lazy, _rule.FROZEN: False})
         for group in self.param_groups:
             _rule.fill_flags(group, self.defaults)
@@ -103,17 +121,36 @@ class LazyWrapper(FreezeAPI, Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Step the wrapped optimizer on the active parameters only.
 
-        A closure is evaluated once, before the decision; the wrapped step gets none.
+        The grad of every inactive parameter is None for the call; ``group["params"]`` is left
+        as it is. A closure goes to the wrapped step as described in :func:`wrap`.
         """
         inner = self.optimizer
         before = (lambda plans: _snapshot_inactive(inner, plans)) if self._strict else None
-        return lazy_step(inner, lambda: self._step(inner), closure, before=before)
+        if self._own_closure:
+            return lazy_step(inner, lambda: self._step(inner), closure, before=before, hide="grads")
+        return lazy_step(
+            inner,
+            lambda c=None: self._step(inner) if c is None else self._step(inner, c),
+            closure,
+            before=before,
+            hide="grads",
+            pass_closure=True,
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names the wrapper lacks: the wrapped optimizer's public methods and
+        # attributes (schedule-free's train() and eval(), a scheduler's extra fields).
+        inner = self.__dict__.get("_inner")
+        if inner is None or name.startswith("_"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(inner, name)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer; also takes ``"frozen"`` and ``"lazy"`` keys."""
         if "_inner" not in self.__dict__:  # Optimizer.__init__ re-adding the wrapped groups
             super().add_param_group(param_group)
         else:
+            _no_rows(self.optimizer, [{_rule.LAZY: self.defaults[_rule.LAZY], **param_group}])
             add_group(self.optimizer, self.optimizer.add_param_group, param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -126,13 +163,14 @@ class LazyWrapper(FreezeAPI, Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load into the wrapped optimizer; freeze flags come back, a torch state_dict loads unfrozen."""
+        _no_rows(self.optimizer, state_dict.get("param_groups", []))
         load_state(self.optimizer, self.optimizer.load_state_dict, state_dict)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rewrap, (self.optimizer, self._strict))
+        return (_rewrap, (self.optimizer, self._strict, self.defaults[_rule.LAZY]))
 
     def __repr__(self) -> str:
-        return f"safeopt.wrap({self.optimizer!r}, strict={self._strict})"
+        return f"safeopt.wrap({self.optimizer!r}, strict={self._strict}, lazy={self.defaults[_rule.LAZY]!r})"
 
 
 for _name in _SHARED:
@@ -140,8 +178,13 @@ for _name in _SHARED:
 del _name
 
 
-def _rewrap(optimizer: Optimizer, strict: bool) -> LazyWrapper:
-    return LazyWrapper(optimizer, strict=strict)
+def _rewrap(optimizer: Optimizer, strict: bool, lazy: _rule.Lazy = True) -> LazyWrapper:
+    return LazyWrapper(optimizer, strict=strict, lazy=lazy)
+
+
+def _no_rows(optimizer: Optimizer, groups: list[dict[str, Any]]) -> None:
+    """Refuse ``lazy="rows"`` when the wrapper is made or given a group, not at the first step."""
+    _rows.check(optimizer, groups, twin=False)
 
 
 def _snapshot_inactive(optimizer: Optimizer, plans: list[_rule.GroupPlan]) -> Callable[[], None]:
@@ -157,19 +200,19 @@ def _snapshot_inactive(optimizer: Optimizer, plans: list[_rule.GroupPlan]) -> Ca
             saved.append(
                 (
                     p,
-                    p.detach().clone(),
+                    _copy(p.detach()),
                     grad,
-                    None if grad is None else grad.clone(),
+                    None if grad is None else _copy(grad),
                     None
                     if state is None
-                    else {k: (v, v.clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()},
+                    else {k: (v, _copy(v) if isinstance(v, torch.Tensor) else v) for k, v in state.items()},
                 )
             )
 
     def restore() -> None:
         with torch.no_grad():
             for p, value, grad, grad_value, state in saved:
-                _put_back(p, value)
+                _put_back(p.detach(), value)
                 p.grad = grad
                 if grad is not None and grad_value is not None:
                     _put_back(grad, grad_value)
@@ -187,13 +230,33 @@ def _snapshot_inactive(optimizer: Optimizer, plans: list[_rule.GroupPlan]) -> Ca
     return restore
 
 
-def _put_back(tensor: torch.Tensor, value: torch.Tensor) -> None:
+# A copy of a tensor's value. A tensor subclass that wraps plain tensors (torchao's quantized
+# optimizer state: codes and scales) may support neither clone() nor torch.equal; its inner
+# tensors, which __tensor_flatten__ names, are copied instead.
+_Copy = torch.Tensor | dict[str, Any]
+
+
+def _copy(tensor: torch.Tensor) -> _Copy:
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return {name: _copy(getattr(tensor, name)) for name in names}
+    return tensor.clone()
+
+
+def _put_back(tensor: torch.Tensor, value: _Copy) -> None:
+    if isinstance(value, dict):
+        for name, inner in value.items():
+            _put_back(getattr(tensor, name), inner)
+        return
+    if tensor.layout is not torch.strided:  # sparse: torch.equal does not take it
+        tensor.copy_(value)
+        return
     # Writing only what changed keeps autograd's version counter of untouched tensors as it was.
     if not torch.equal(tensor, value) or tensor.dtype != value.dtype or tensor.shape != value.shape:
         tensor.copy_(value)
 
 
-def wrap(optimizer: Optimizer, *, strict: bool = False, lazy: bool = True) -> LazyWrapper:
+def wrap(optimizer: Optimizer, *, strict: bool = False, lazy: _rule.Lazy = True) -> LazyWrapper:
     """Give any ``torch.optim.Optimizer`` instance the lazy rule and the freeze API.
 
     The result is a :class:`torch.optim.Optimizer` that shares ``param_groups``,

@@ -537,9 +537,13 @@ def test_state_dict_loads_into_torch_and_torch_continues() -> None:
 def test_rows_is_refused_through_wrap_and_with_differentiable() -> None:
     w = nn.Parameter(torch.ones(2, 2))
     w.grad = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    # wrap() refuses lazy="rows" when it is made, not at the first step (tests/test_wrap.py has
+    # the add_param_group and load_state_dict cases).
+    with pytest.raises(ValueError, match='lazy="rows" \\(param group 0\\) is supported by'):
+        safeopt.wrap(torch.optim.Adam([w]), lazy="rows")
+    with pytest.raises(ValueError, match="use safeopt.Adam"):
+        safeopt.wrap(torch.optim.RMSprop([{"params": [w], "lazy": "rows"}]))
     for opt, message in [
-        (safeopt.wrap(torch.optim.Adam([w]), lazy="rows"), 'lazy="rows" \\(param group 0\\) is supported by'),
-        (safeopt.wrap(torch.optim.RMSprop([{"params": [w], "lazy": "rows"}])), "use safeopt.Adam"),
         (
             safeopt.SGD([nn.Parameter(torch.ones(2, 2))], lr=0.1, differentiable=True, lazy="rows"),
             "does not support differentiable=True",
