@@ -133,8 +133,8 @@ def _sparse_property(data: Any) -> None:
     torch_cls, kwargs = data.draw(st.sampled_from(CONFIGS), label="config")
     impl = data.draw(st.sampled_from(sorted(IMPLS)), label="impl")
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    if impl == "fused" and dtype.is_complex:
-        impl = "forloop"  # torch's fused kernels take floating dtypes only
+    if cases.rows_unsupported(torch_cls, impl, dtype):
+        impl = "forloop"
     kwargs = {"lr": 0.05, **kwargs, **IMPLS[impl]}
     twin = cases.TWINS[torch_cls]
     shapes = data.draw(st.lists(st.sampled_from(SHAPES), min_size=1, max_size=3), label="tables")
