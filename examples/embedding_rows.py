@@ -30,13 +30,18 @@ class TinyModel(nn.Module):
         return self.head(torch.tanh(mixed)).squeeze(-1)
 
 
-def train(opt_cls: type, **kwargs: object) -> tuple[TinyModel, torch.optim.Optimizer, list[set[int]], list[set[int]], int]:
+def train(
+    opt_cls: type, **kwargs: object
+) -> tuple[TinyModel, torch.optim.Optimizer, list[set[int]], list[set[int]], int]:
     """30 steps; also counts how often a row that was not looked up in a step moved in it."""
     torch.manual_seed(0)
     model = TinyModel()
     table = model.embedding.weight
     opt = opt_cls(
-        [{"params": [table, model.experts], **kwargs}, {"params": [*model.router.parameters(), *model.head.parameters()]}],
+        [
+            {"params": [table, model.experts], **kwargs},
+            {"params": [*model.router.parameters(), *model.head.parameters()]},
+        ],
         lr=1e-2,
     )
     seen_rows: list[set[int]] = []

@@ -22,7 +22,6 @@ print(report, end="\n\n")
 assert report and {f.kind for f in report.findings} == {"not_in_optimizer"}
 
 
-
 def train(model: nn.Module, optimizer: torch.optim.Optimizer) -> safeopt.WatchReport:
     """The user's own loop, unchanged, under watch: the encoder is detached on odd epochs."""
     with safeopt.watch(optimizer, model) as w:

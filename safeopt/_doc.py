@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Literal, Union
+from typing import Literal
 
 RULE = """\
 A parameter is *inactive* in a step when its group or the parameter itself is
@@ -26,8 +26,7 @@ def lazy_twin_doc(torch_cls: type) -> str:
     name = torch_cls.__name__
     return (
         f"Drop-in :class:`torch.optim.{name}` that never moves a parameter that took no part in a step.\n\n"
-        f"Accepts every argument of ``torch.optim.{name}`` (validated by torch) plus ``lazy``.\n\n"
-        + RULE
+        f"Accepts every argument of ``torch.optim.{name}`` (validated by torch) plus ``lazy``.\n\n" + RULE
     )
 
 
@@ -35,6 +34,6 @@ def lazy_twin_signature(torch_cls: type) -> inspect.Signature:
     """torch's constructor signature with the keyword-only ``lazy=True`` added."""
     sig = inspect.signature(torch_cls)
     lazy = inspect.Parameter(
-        "lazy", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=Union[bool, Literal["rows"]]
+        "lazy", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=bool | Literal["rows"]
     )
     return sig.replace(parameters=[*sig.parameters.values(), lazy])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
@@ -19,7 +19,7 @@ from safeopt._rule import FROZEN, FROZEN_PARAMS
 __all__ = ["FreezeAPI", "Target"]
 
 #: What freeze(), unfreeze(), is_frozen() and frozen() accept.
-Target = Union[int, str, dict[str, Any], Tensor, nn.Module, Iterable[Tensor]]
+Target = int | str | dict[str, Any] | Tensor | nn.Module | Iterable[Tensor]
 
 
 class _Selection(NamedTuple):
@@ -146,7 +146,8 @@ class FreezeAPI:
         selection = _select(self.param_groups, target)
         groups = self.param_groups
         return all(
-            groups[gi][FROZEN] or all(_param_frozen(groups[gi], pos) for pos in range(len(groups[gi]["params"])))
+            groups[gi][FROZEN]
+            or all(_param_frozen(groups[gi], pos) for pos in range(len(groups[gi]["params"])))
             for gi in selection.groups
         ) and all(_param_frozen(groups[gi], pos) for gi, pos in selection.params)
 

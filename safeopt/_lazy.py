@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from safeopt import _rows, _rule
+from safeopt import _capturable, _rows, _rule
 from safeopt._freeze import FreezeAPI
-from safeopt._torch_compat import allocate_state, batches, unhooked, writes_into_grads
+from safeopt._torch_compat import batches, unhooked, writes_into_grads
 
 __all__ = ["LazyOptimizer", "add_group", "lazy_step", "load_state"]
 
@@ -39,12 +39,21 @@ def lazy_step(
 
     groups = optimizer.param_groups
     _rows.check(optimizer, groups, twin=isinstance(optimizer, LazyOptimizer))
-    with torch.no_grad():
-        plans = _rule.plan_step(groups)
+    on_device = _capturable.plan(optimizer, groups, strict=before is not None)
+    if on_device is not None:  # capturable or capturing: no host read
+        _capturable.step(optimizer, step, on_device)
+        return loss
+    plans = _rule.plan_step(groups)
     for group, plan in zip(groups, plans):
-        allocate_state(optimizer, group, [p for p in plan.idle_with_grad if not optimizer.state.get(p)])
+        if plan.idle_with_grad:
+            _rows.allocate_state(
+                optimizer, group, [p for p in plan.idle_with_grad if not optimizer.state.get(p)]
+            )
     by_rows = _rows.RowSteps()
-    buckets = by_rows.prepare(optimizer, groups, plans)  # lazy="rows": views or gathered rows
+    buckets: list[list[torch.Tensor]] = [[] for _ in groups]
+    rows = any(group[_rule.LAZY] == _rows.ROWS for group in groups)
+    if rows:
+        buckets = by_rows.prepare(optimizer, groups, plans)  # lazy="rows": views or gathered rows
 
     guarded: list[tuple[torch.Tensor, torch.Tensor]] = [
         (p, p.grad)  # type: ignore[misc]  # every active parameter has a grad
@@ -77,7 +86,8 @@ def lazy_step(
         for p, grad in guarded:
             p.grad = grad
         try:
-            by_rows.finish(stepped)
+            if by_rows.pending:
+                by_rows.finish(stepped)
         finally:
             if after is not None:
                 after()

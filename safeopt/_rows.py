@@ -16,6 +16,10 @@ In a group with ``lazy="rows"``, a parameter of two or more dimensions takes par
 Per-row counts live in the extra state key ``row_step`` (float32, one entry per row). It is
 created the first time a parameter's rows are not all active; until then every row has taken
 part in every step of the tensor, and torch's own step runs on the whole parameter unchanged.
+
+A sparse COO grad (``nn.Embedding(sparse=True)``) is stepped as ``grad.coalesce().to_dense()``
+would be, at the cost of the rows it names: ``touched_rows`` densifies only those rows, and the
+steps above run on them. torch never sees the sparse grad.
 """
 
 from __future__ import annotations
@@ -28,9 +32,19 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from safeopt._torch_compat import allocate_state, writes_into_grads
+from safeopt import _torch_compat
+from safeopt._torch_compat import writes_into_grads
 
-__all__ = ["ROWS", "ROW_STEP", "RowSteps", "active_rows", "check", "restore_counts"]
+__all__ = [
+    "ROWS",
+    "ROW_STEP",
+    "RowSteps",
+    "active_rows",
+    "allocate_state",
+    "check",
+    "restore_counts",
+    "touched_rows",
+]
 
 ROWS = "rows"  # the value of a group's "lazy" key that selects row-level skipping
 ROW_STEP = "row_step"  # per-row step counts, next to torch's own state keys
@@ -109,15 +123,81 @@ def _rows_of(flat: Tensor) -> Tensor:
     return candidates[keep]
 
 
+def touched_rows(grad: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The active rows of a grad of two or more dimensions, and for a sparse COO grad those rows
+    of ``grad.coalesce().to_dense()`` (None for a dense grad, whose rows are read in place).
+
+    A sparse grad is densified on the rows it names only: ``coalesce()`` sums duplicate indices
+    (in the order the densified oracle sums them, which for a row repeated many times is not the
+    grad's own order); the densified grad holds ``0 + v`` for each real coalesced value ``v``, so
+    ``-0.0`` becomes ``+0.0`` there, and so it does here (complex values go through ``to_dense()``
+    itself, on these rows only). ``active_rows`` of those rows then
+    decides: a named row whose entries sum to zero is idle. Cost: the rows named, never the table.
+    """
+    if grad.layout is not torch.sparse_coo:
+        return active_rows(grad), None
+    sparse = grad.coalesce()
+    indices, values = sparse.indices(), sparse.values()
+    if sparse.sparse_dim() != 1:  # every dimension sparse (values are elements), or none
+        if not sparse.sparse_dim():
+            dense = sparse.to_dense()
+            rows = active_rows(dense)
+            return rows, dense.index_select(0, rows)
+        named, inverse = torch.unique_consecutive(indices[0], return_inverse=True)
+        local = torch.cat([inverse.unsqueeze(0), indices[1:]])
+        shape = (named.numel(), *grad.shape[1:])
+        dense = torch.sparse_coo_tensor(
+            local, values, shape, is_coalesced=True, check_invariants=False
+        ).to_dense()
+        keep = active_rows(dense)
+        if keep.numel() != named.numel():
+            named, dense = named.index_select(0, keep), dense.index_select(0, keep)
+        return named, dense
+    named = indices[0]
+    keep = active_rows(values)  # -0.0 is zero to the check, NaN and inf are not, as densified
+    if keep.numel() != named.numel():
+        named, values = named.index_select(0, keep), values.index_select(0, keep)
+    if values.is_complex():
+        # to_dense() multiplies by a complex 1 (a NaN part makes both parts NaN): let it do so
+        local = torch.arange(named.numel(), device=grad.device).unsqueeze(0)
+        values = torch.sparse_coo_tensor(
+            local, values, values.shape, is_coalesced=True, check_invariants=False
+        ).to_dense()
+        return named, values
+    return named, values.add(0).contiguous()  # what to_dense() makes of a real value: 0 + v
+
+
+def allocate_state(optimizer: torch.optim.Optimizer, group: dict[str, Any], params: list[Tensor]) -> None:
+    """``_torch_compat.allocate_state``; in a ``lazy="rows"`` group a sparse grad stands in as a
+    dense zero grad while torch allocates (torch's Adam refuses sparse grads, and in such a group
+    safeopt hands torch only dense rows). The stand-in is one element, expanded: nothing the size
+    of the table is allocated for it."""
+    swapped = [
+        (p, p.grad)
+        for p in params
+        if group.get("lazy") == ROWS
+        and p.dim() > 1
+        and p.grad is not None
+        and p.grad.layout is torch.sparse_coo
+    ]
+    try:
+        for p, grad in swapped:
+            p.grad = torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
+        _torch_compat.allocate_state(optimizer, group, params)
+    finally:
+        for p, grad in swapped:
+            p.grad = grad
+
+
 def check(optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]], *, twin: bool) -> None:
     """Raise ValueError, before anything changes, where ``lazy="rows"`` cannot be kept."""
     for i, group in enumerate(groups):
         if group.get("lazy") != ROWS:
             continue
-        if not twin or not isinstance(optimizer, (torch.optim.Adam, torch.optim.SGD)):
+        if not twin or not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):
             raise ValueError(
                 f'lazy="rows" (param group {i}) is supported by safeopt.Adam, safeopt.AdamW and '
-                f"safeopt.SGD only, not through wrap(): use safeopt.Adam(params, ..., lazy=\"rows\") "
+                f'safeopt.SGD only, not through wrap(): use safeopt.Adam(params, ..., lazy="rows") '
                 f"instead of wrap(torch.optim.Adam(params, ...)), or lazy=True"
             )
         if group.get("differentiable"):
@@ -138,6 +218,7 @@ class _Job(NamedTuple):
     buckets: list[tuple[float, int]]  # (the rows' step count, how many rows)
     shadows: list[Tensor]  # what torch steps: a split of compact[""] per bucket, or a run's view
     runs: list[tuple[int, int, float]]  # in place: each shadow's rows [start, stop) and count
+    created: list[str]  # state keys this step created (all of them: "" too), undone if it fails
 
 
 # A parameter whose active rows form few runs of consecutive rows with one count, each holding
@@ -148,7 +229,9 @@ class _Job(NamedTuple):
 _RUN_BYTES = 16384
 
 
-def _runs(rows: Tensor, buckets: list[tuple[float, int]], row_bytes: int) -> list[tuple[int, int, float]] | None:
+def _runs(
+    rows: Tensor, buckets: list[tuple[float, int]], row_bytes: int
+) -> list[tuple[int, int, float]] | None:
     """The runs ``[start, stop)`` of consecutive rows (ordered by bucket) with the same count, or
     None when they are too short on average to be worth stepping in place."""
     limit = rows.numel() * row_bytes // _RUN_BYTES
@@ -172,12 +255,22 @@ class RowSteps:
     def __init__(self) -> None:
         self.jobs: list[_Job] = []
         self._state: Any = None
+        self._grads: list[tuple[Tensor, Tensor]] = []  # (param, the user's sparse grad) while densified
 
-    def prepare(self, optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]], plans: Sequence[Any]) -> list[list[Tensor]]:
+    @property
+    def pending(self) -> bool:
+        """Whether ``finish`` has anything to do: rows to write back, or users' grads to give back."""
+        return bool(self.jobs or self._grads)
+
+    def prepare(
+        self, optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]], plans: Sequence[Any]
+    ) -> list[list[Tensor]]:
         """Gather the active rows of every row-stepped parameter; return each group's buckets.
 
         A parameter whose rows are all active goes through torch's step whole, unless its rows
         already have different step counts (``row_step``): then it is stepped by rows as well.
+        A sparse grad naming every row with a nonzero sum is, for that step, replaced by the
+        densified grad (``touched_rows``): the parameter then goes the way a dense grad would.
         """
         self._state = optimizer.state
         out: list[list[Tensor]] = []
@@ -188,13 +281,14 @@ class RowSteps:
                     out.append(shadows)
                     if group.get("lazy") != ROWS:
                         continue
+                    self._densify_whole(group, plan)
                     whole = [p for p in plan.active if p.dim() > 1 and ROW_STEP in optimizer.state.get(p, ())]
                     if whole:
                         ids = {id(p) for p in whole}
                         plan.active[:] = [p for p in plan.active if id(p) not in ids]
-                        plan.rows.extend((p, torch.arange(p.shape[0], device=p.device)) for p in whole)
-                    for p, rows in plan.rows:
-                        job, shadow_states = self._prepare(optimizer, group, p, rows)
+                        plan.rows.extend((p, torch.arange(p.shape[0], device=p.device), None) for p in whole)
+                    for p, rows, grad_rows in plan.rows:
+                        job, shadow_states = self._prepare(optimizer, group, p, rows, grad_rows)
                         self.jobs.append(job)
                         for shadow, shadow_state in zip(job.shadows, shadow_states):
                             optimizer.state[shadow] = shadow_state
@@ -204,11 +298,39 @@ class RowSteps:
             raise
         return out
 
+    def _densify_whole(self, group: dict[str, Any], plan: Any) -> None:
+        """Sparse grads naming every row (with a nonzero sum each): the parameter joins the
+        group's whole parameters, its grad the densified one until ``finish``."""
+        whole = [
+            (p, grad_rows)
+            for p, rows, grad_rows in plan.rows
+            if grad_rows is not None and rows.numel() == p.shape[0]
+        ]
+        if not whole:
+            return
+        ids = {id(p) for p, _ in whole}
+        plan.rows[:] = [entry for entry in plan.rows if id(entry[0]) not in ids]
+        for p, grad_rows in whole:
+            self._grads.append((p, p.grad))
+            p.grad = grad_rows  # every row, in order: the densified grad itself
+        order = {id(p): i for i, p in enumerate(group["params"])}
+        plan.active.extend(p for p, _ in whole)
+        plan.active.sort(key=lambda p: order[id(p)])  # group order, as torch would visit them
+
     def _prepare(
-        self, optimizer: torch.optim.Optimizer, group: dict[str, Any], p: Tensor, rows: Tensor
+        self,
+        optimizer: torch.optim.Optimizer,
+        group: dict[str, Any],
+        p: Tensor,
+        rows: Tensor,
+        grad_rows: Tensor | None,
     ) -> tuple[_Job, list[dict[str, Tensor]]]:
+        """``grad_rows``: the grad's rows ``rows`` (a sparse grad's, densified), or None to read
+        them from ``p.grad``."""
+        created: list[str] = []
         if not optimizer.state.get(p):
             allocate_state(optimizer, group, [p])  # Adam: zero moments, step 0, as torch makes them
+            created.append("")
         state = optimizer.state[p]
         sgd = isinstance(optimizer, torch.optim.SGD)
         counts: Tensor | None = None
@@ -218,15 +340,21 @@ class RowSteps:
                 # Until now every row took part in every step of the tensor. SGD keeps no step
                 # count: there only "started" (a momentum buffer exists) matters, counted as 1.
                 start = float(state["step"]) if not sgd else float("momentum_buffer" in state)
-                counts = state[ROW_STEP] = torch.full((p.shape[0],), start, dtype=torch.float32, device=p.device)
+                counts = state[ROW_STEP] = torch.full(
+                    (p.shape[0],), start, dtype=torch.float32, device=p.device
+                )
+                created.append(ROW_STEP)
             if sgd and "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                created.append("momentum_buffer")
             counts = counts.index_select(0, rows)
             key = counts.clamp(max=1) if sgd else counts  # SGD: first step or not
             lo, hi = torch.stack(torch.aminmax(key)).tolist()
             if lo != hi:
                 key, order = torch.sort(key, stable=True)
                 rows, counts = rows.index_select(0, order), counts.index_select(0, order)
+                if grad_rows is not None:
+                    grad_rows = grad_rows.index_select(0, order)
                 values, sizes = torch.unique_consecutive(key, return_counts=True)
                 buckets = list(zip(values.tolist(), sizes.tolist()))
             else:
@@ -235,18 +363,21 @@ class RowSteps:
             buckets = [(0.0, rows.numel())]
 
         keys = [k for k, v in state.items() if k != ROW_STEP and isinstance(v, Tensor) and v.shape == p.shape]
-        grad: Tensor = p.grad  # type: ignore[assignment]
+        grad: Tensor = p.grad if grad_rows is None else grad_rows  # type: ignore[assignment]
         if all(t.is_contiguous() for t in (p, grad, *(state[k] for k in keys))):
             runs = _runs(rows, buckets, p.numel() // p.shape[0] * p.element_size())
             if runs is not None:
-                return self._in_place(optimizer, group, p, rows, counts, keys, buckets, runs, sgd)
+                return self._in_place(
+                    optimizer, group, p, rows, counts, keys, buckets, runs, sgd, grad_rows, created
+                )
         compact = {"": p.index_select(0, rows)}
         compact.update((k, state[k].index_select(0, rows)) for k in keys)
         sizes = [n for _, n in buckets]
         shadows = list(compact[""].split(sizes))
         parts = {k: compact[k].split(sizes) for k in keys}
         shadow_states: list[dict[str, Tensor]] = []
-        for b, (shadow_grad, (count, _)) in enumerate(zip(grad.index_select(0, rows).split(sizes), buckets)):
+        gathered = grad.index_select(0, rows) if grad_rows is None else grad_rows
+        for b, (shadow_grad, (count, _)) in enumerate(zip(gathered.split(sizes), buckets)):
             shadows[b].grad = shadow_grad
             shadow_state = {}
             if "step" in state:
@@ -254,7 +385,7 @@ class RowSteps:
             if not (sgd and count == 0):  # a row's first SGD step makes its buffer from its grad
                 shadow_state.update((k, parts[k][b]) for k in keys)
             shadow_states.append(shadow_state)
-        return _Job(p, rows, counts, keys, compact, buckets, shadows, []), shadow_states
+        return _Job(p, rows, counts, keys, compact, buckets, shadows, [], created), shadow_states
 
     def _in_place(
         self,
@@ -267,26 +398,37 @@ class RowSteps:
         buckets: list[tuple[float, int]],
         runs: list[tuple[int, int, float]],
         sgd: bool,
+        grad_rows: Tensor | None,
+        created: list[str],
     ) -> tuple[_Job, list[dict[str, Tensor]]]:
         """Shadows that are views of ``p`` (and grads and state that are views of its own), one
-        per run: torch updates the rows where they are."""
+        per run: torch updates the rows where they are. A sparse grad's densified rows are in
+        the order of ``rows``, so each run's grad is a slice of them."""
         state = optimizer.state[p]
-        grad: Tensor = p.grad  # type: ignore[assignment]
         shadows = [p.detach()[start:stop] for start, stop, _ in runs]
-        copy_grads = writes_into_grads(optimizer, group, shadows)  # torch would write into the user's grad
+        if grad_rows is None:
+            grad: Tensor = p.grad  # type: ignore[assignment]
+            copy_grads = writes_into_grads(
+                optimizer, group, shadows
+            )  # torch would write into the user's grad
+            grads = [grad[start:stop].clone() if copy_grads else grad[start:stop] for start, stop, _ in runs]
+        else:  # safeopt's own tensor: torch may write into it
+            grads = list(grad_rows.split([stop - start for start, stop, _ in runs]))
         shadow_states: list[dict[str, Tensor]] = []
-        for shadow, (start, stop, count) in zip(shadows, runs):
-            shadow.grad = grad[start:stop].clone() if copy_grads else grad[start:stop]
+        for shadow, shadow_grad, (start, stop, count) in zip(shadows, grads, runs):
+            shadow.grad = shadow_grad
             shadow_state = {}
             if "step" in state:
                 shadow_state["step"] = torch.full_like(state["step"], count)
             if not (sgd and count == 0):
                 shadow_state.update((k, state[k][start:stop]) for k in keys)
             shadow_states.append(shadow_state)
-        return _Job(p, rows, counts, keys, {}, buckets, shadows, runs), shadow_states
+        return _Job(p, rows, counts, keys, {}, buckets, shadows, runs, created), shadow_states
 
     def finish(self, stepped: bool) -> None:
-        """Write the stepped rows back (when the step returned) and take the buckets out of the state."""
+        """Write the stepped rows back (when the step returned) and take the buckets out of the
+        state; give back the users' sparse grads. A step that did not return leaves no state
+        behind that ``prepare`` created."""
         state = self._state
         try:
             if stepped:
@@ -298,7 +440,16 @@ class RowSteps:
                 for shadow in job.shadows:
                     state.pop(shadow, None)
                     shadow.grad = None
+                if not stepped:
+                    if "" in job.created:
+                        state.pop(job.param, None)
+                    else:
+                        for key in job.created:
+                            state[job.param].pop(key, None)
             self.jobs = []
+            for p, grad in self._grads:
+                p.grad = grad
+            self._grads = []
 
     def _write_back(self, job: _Job) -> None:
         state = self._state[job.param]
@@ -317,8 +468,8 @@ class RowSteps:
                     made = self._state[shadow].get(key)
                     if made is not None and made is not part:
                         part.copy_(made)
-                state[key].index_copy_(0, job.rows, job.compact[key])
-            job.param.index_copy_(0, job.rows, job.compact[""])
+                _copy_rows(state[key], job.rows, job.compact[key])
+            _copy_rows(job.param, job.rows, job.compact[""])
         if job.counts is None:
             return
         if "step" in first:
@@ -330,6 +481,31 @@ class RowSteps:
         else:
             advanced = 1
         state[ROW_STEP].index_copy_(0, job.rows, job.counts + advanced)
+
+
+# Write-backs are bit copies. Rows viewed as 16-byte elements (complex128, the widest dtype) go
+# through torch's index_copy_ as a quarter as many elements as float32 rows: measured a third
+# faster on the CPU for 256-byte rows, the same bits (tests/test_rows_sparse.py).
+_WIDE = torch.complex128
+
+
+def _copy_rows(dst: Tensor, rows: Tensor, src: Tensor) -> None:
+    """``dst.index_copy_(0, rows, src)``, through 16-byte elements where the layout allows."""
+    if dst.is_contiguous() and src.is_contiguous() and dst.dtype == src.dtype and dst.dim() and src.shape[0]:
+        row_bytes = dst[0].numel() * dst.element_size()
+        if (
+            row_bytes
+            and row_bytes % 16 == 0
+            and (dst.storage_offset() * dst.element_size()) % 16
+            == 0
+            == (src.storage_offset() * src.element_size()) % 16
+        ):
+            wide = (dst.shape[0], row_bytes // 16)
+            dst.view(dst.shape[0], -1).view(_WIDE).view(wide).index_copy_(
+                0, rows, src.reshape(src.shape[0], -1).view(_WIDE)
+            )
+            return
+    dst.index_copy_(0, rows, src)
 
 
 def restore_counts(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:

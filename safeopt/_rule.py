@@ -19,7 +19,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from safeopt._rows import ROWS, active_rows
+from safeopt import _device
+from safeopt._rows import ROWS, touched_rows
 
 __all__ = ["FLAG_KEYS", "GroupPlan", "check_flags", "check_lazy", "fill_flags", "nonzero_flags", "plan_step"]
 
@@ -30,13 +31,21 @@ FROZEN_PARAMS = "frozen_params"  # sorted positions in group["params"] frozen on
 LAZY = "lazy"  # True, False or "rows": an all-zero grad (or grad row) makes a parameter (or row) inactive
 FLAG_KEYS = (FROZEN, FROZEN_PARAMS, LAZY)
 
+#: Private switches. FORCE_DEVICE decides CPU grads as accelerator grads are decided (no host
+#: probe; ``_device`` kernels and reads), so the CPU test suite exercises the device decision.
+#: DEVICE_PROBE runs the first-element probe round before the full reduction on a device.
+FORCE_DEVICE = False
+DEVICE_PROBE = True
+
 
 class GroupPlan(NamedTuple):
     """What one param group does in a step."""
 
     active: list[Tensor]  # stepped by torch, in group order
     idle_with_grad: list[Tensor]  # inactive although their grad is not None
-    rows: list[tuple[Tensor, Tensor]]  # lazy="rows": (parameter, its active rows) when only some rows are
+    # lazy="rows": (parameter, its active rows, those rows of its grad densified when it is sparse,
+    # else None) when only some rows are, or the grad is sparse
+    rows: list[tuple[Tensor, Tensor, Tensor | None]]
 
 
 def _values(grad: Tensor) -> Tensor:
@@ -78,15 +87,6 @@ def _has_nonzero(grad: Tensor) -> bool:
     return bool(lo) or bool(hi)  # NaN is truthy, -0.0 is not
 
 
-def _has_nonzero_async(grad: Tensor) -> Tensor:
-    values = _values(grad)
-    extremes = _extremes(values)
-    if extremes is None:
-        return values.any()
-    lo, hi = extremes
-    return (lo != 0) | (hi != 0)
-
-
 def _surely_nonzero(grad: Tensor) -> bool:
     """True when one element read on the host proves ``grad`` has a nonzero element.
 
@@ -95,7 +95,13 @@ def _surely_nonzero(grad: Tensor) -> bool:
     copy); in a dense gradient it is almost never zero. False means "look closer".
     """
     probe = _PROBE.get(grad.dtype)
-    if probe is None or not grad.is_cpu or type(grad) is not Tensor or grad.layout is not torch.strided:
+    if (
+        probe is None
+        or FORCE_DEVICE
+        or not grad.is_cpu
+        or type(grad) is not Tensor
+        or grad.layout is not torch.strided
+    ):
         return False
     if not grad.numel():
         return False
@@ -127,8 +133,8 @@ def _sharded_flags(grads: Sequence[Tensor], out: list[bool], positions: list[int
         else:
             by_mesh[grad.device_mesh].append(i)
     for mesh, members in by_mesh.items():
-        local = [_has_nonzero_async(grads[i].to_local()) for i in members]  # type: ignore[attr-defined]
-        flags = torch.stack(local).to(torch.int32)
+        local = [grads[i].to_local() for i in members]  # type: ignore[attr-defined]
+        flags = torch.stack(_device.nonzero(local)).to(torch.int32)
         if flags.device.type != mesh.device_type:  # shards offloaded to the CPU, a CUDA mesh
             flags = flags.to(mesh.device_type)
         for dim in range(mesh.ndim):
@@ -137,28 +143,63 @@ def _sharded_flags(grads: Sequence[Tensor], out: list[bool], positions: list[int
             out[i] = bool(flag)
 
 
-def _full_flags(grads: Sequence[Tensor]) -> list[bool]:
-    """Whether each grad has a nonzero element, reading all of it; one host sync per accelerator
-    (and, for DTensor grads, one all-reduce per mesh dimension)."""
-    out = [False] * len(grads)
+def _read(flags: Sequence[Tensor]) -> list[bool]:
+    """Device flags on the host: one read per device."""
+    out = [False] * len(flags)
     by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for i, flag in enumerate(flags):
+        by_device[flag.device].append(i)
+    for members in by_device.values():
+        for i, value in zip(members, torch.stack([flags[i] for i in members]).tolist()):
+            out[i] = bool(value)
+    return out
+
+
+def _device_flags(grads: Sequence[Tensor]) -> list[bool]:
+    """The flags of grads decided on their device: at most two host reads per device.
+
+    A probe round reads every grad's first element (``_device.probe``); the grads it cannot
+    prove nonzero, usually the idle ones, are then reduced in full (``_device.nonzero``), so
+    active grads are not read in full. ``DEVICE_PROBE = False`` skips the probe round: one
+    read per device, every grad reduced in full.
+    """
+    out = [False] * len(grads)
+    todo = [i for i, grad in enumerate(grads) if grad.numel()]  # an empty grad is zero
+    if DEVICE_PROBE:
+        strided = [i for i in todo if grads[i].layout is torch.strided]
+        if strided:
+            seen = _read(_device.probe([grads[i] for i in strided]))
+            for i, flag in zip(strided, seen):
+                out[i] = flag
+            todo = [i for i in todo if not out[i]]
+    if todo:
+        for i, flag in zip(todo, _read(_device.nonzero([grads[i] for i in todo]))):
+            out[i] = flag
+    return out
+
+
+def _full_flags(grads: Sequence[Tensor]) -> list[bool]:
+    """Whether each grad has a nonzero element: CPU grads one by one, accelerator grads in a
+    constant number of kernels and host reads per device (``_device_flags``), DTensor grads with
+    one all-reduce per mesh dimension."""
+    out = [False] * len(grads)
     dtensor = _dtensor_type()
     sharded: list[int] = []
+    on_device: list[int] = []
     for i, grad in enumerate(grads):
         if dtensor is not None and isinstance(grad, dtensor):
             sharded.append(i)
+        elif not _device.decidable(grad):
+            out[i] = True  # no data: left to torch, which steps it or raises its own error
+        elif grad.is_cpu and not FORCE_DEVICE:
+            out[i] = _has_nonzero(grad)
         else:
-            by_device[grad.device].append(i)
+            on_device.append(i)
     if sharded:
         _sharded_flags(grads, out, sharded)
-    for device, positions in by_device.items():
-        if device.type == "cpu":
-            for i in positions:
-                out[i] = _has_nonzero(grads[i])
-        else:
-            flags = torch.stack([_has_nonzero_async(grads[i]) for i in positions]).tolist()
-            for i, flag in zip(positions, flags):
-                out[i] = flag
+    if on_device:
+        for i, flag in zip(on_device, _device_flags([grads[i] for i in on_device])):
+            out[i] = flag
     return out
 
 
@@ -179,7 +220,8 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
     result: list[GroupPlan] = []
     unsure: list[tuple[int, int, Tensor, Tensor]] = []  # (group, position, param, grad)
     by_rows: list[tuple[int, Tensor, Tensor]] = []  # (group, param, grad)
-    probe_of, strided = _PROBE.get, torch.strided
+    probes, strided, sparse = ({} if FORCE_DEVICE else _PROBE), torch.strided, torch.sparse_coo
+    probe_of = probes.get
     for group in param_groups:
         plan = GroupPlan([], [], [])
         result.append(plan)
@@ -198,7 +240,12 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
             if frozen_at and position in frozen_at:
                 idle.append(p)
                 continue
-            if rows and grad.dim() > 1 and grad.layout is strided and type(grad) is Tensor:
+            if (
+                rows
+                and grad.dim() > 1
+                and (grad.layout is strided or grad.layout is sparse)
+                and type(grad) is Tensor
+            ):
                 by_rows.append((len(result) - 1, p, grad))
                 continue
             if lazy:  # _surely_nonzero, inlined: this line runs for every parameter every step
@@ -216,21 +263,24 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
             active.append(p)
     late: set[int] = set()
     if unsure:
-        for (gi, _, p, _), flag in zip(unsure, _full_flags([u[3] for u in unsure])):
+        with torch.no_grad():
+            flags = _full_flags([u[3] for u in unsure])
+        for (gi, _, p, _), flag in zip(unsure, flags):
             if flag:
                 result[gi].active.append(p)
                 late.add(gi)
             else:
                 result[gi].idle_with_grad.append(p)
     for gi, p, grad in by_rows:
-        rows_active = active_rows(grad)
+        with torch.no_grad():
+            rows_active, grad_rows = touched_rows(grad)
         if not rows_active.numel():
             result[gi].idle_with_grad.append(p)
-        elif rows_active.numel() == grad.shape[0]:
+        elif rows_active.numel() == grad.shape[0] and grad_rows is None:
             result[gi].active.append(p)
             late.add(gi)
-        else:
-            result[gi].rows.append((p, rows_active))
+        else:  # a sparse grad goes to the rows path even when every row is active: torch never sees it
+            result[gi].rows.append((p, rows_active, grad_rows))
     if late:
         for gi in late:  # keep group order, as torch would visit them
             order = {id(p): i for i, p in enumerate(param_groups[gi]["params"])}

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["allocate_state", "batches", "unhooked", "writes_into_grads"]
+__all__ = ["allocate_state", "batches", "skips_by_found_inf", "unhooked", "writes_into_grads"]
 
 
 def unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -26,23 +26,23 @@ def unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
     and ``functools.wraps`` keeps the original under ``__wrapped__``.
     """
     if getattr(step, "hooked", False):
-        return step.__wrapped__  # type: ignore[attr-defined,no-any-return]
+        return step.__wrapped__  # type: ignore[attr-defined,no-any-return]  # set by functools.wraps
     return step
 
 
 # By optimizer class. A plain dict rather than functools.cache: torch.compile traces
 # allocate_state, and dynamo warns about (and ignores) lru_cache wrappers it meets.
-_ARITY: dict[type, int | None] = {}
+_OUTPUTS: dict[type, tuple[str, ...] | None] = {}
 
 
-def _init_group_arity(cls: type) -> int | None:
-    """How many output lists ``cls._init_group(self, group, ...)`` takes, or None."""
-    if cls not in _ARITY:
-        _ARITY[cls] = _signature_arity(cls)
-    return _ARITY[cls]
+def _init_group_outputs(cls: type) -> tuple[str, ...] | None:
+    """The names of the arguments after ``group`` in ``cls._init_group(self, group, ...)``, or None."""
+    if cls not in _OUTPUTS:
+        _OUTPUTS[cls] = _signature_outputs(cls)
+    return _OUTPUTS[cls]
 
 
-def _signature_arity(cls: type) -> int | None:
+def _signature_outputs(cls: type) -> tuple[str, ...] | None:
     init = getattr(cls, "_init_group", None)
     if init is None:
         return None
@@ -52,7 +52,19 @@ def _signature_arity(cls: type) -> int | None:
         return None
     if not all(p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in outputs):
         return None
-    return len(outputs)
+    return tuple(p.name for p in outputs)
+
+
+def _init_group_args(group: dict[str, Any], outputs: tuple[str, ...]) -> list[Any]:
+    """A fresh list per output; an argument named after a group option gets its value.
+
+    Every output is a list torch appends to, except in torch 2.6's ``AdamW._init_group``, which
+    takes ``amsgrad`` between its lists (from torch 2.7 AdamW is Adam's subclass, without it).
+    """
+    return [group[name] if name in _GROUP_OPTION_ARGS and name in group else [] for name in outputs]
+
+
+_GROUP_OPTION_ARGS = frozenset({"amsgrad"})  # tests/test_torch_compat.py checks no other option appears
 
 
 def allocate_state(
@@ -68,16 +80,18 @@ def allocate_state(
     a compatible ``_init_group`` keeps no state for an idle parameter until its
     first real update.
     """
-    arity = _init_group_arity(type(optimizer))
-    if not params or arity is None:
+    outputs = _init_group_outputs(type(optimizer))
+    if not params or outputs is None:
         return
     view = dict(group)
     view["params"] = params
     with torch.no_grad():
-        type(optimizer)._init_group(optimizer, view, *([] for _ in range(arity)))  # type: ignore[attr-defined]
+        type(optimizer)._init_group(optimizer, view, *_init_group_args(view, outputs))  # type: ignore[attr-defined]  # private, per class
 
 
-def writes_into_grads(optimizer: torch.optim.Optimizer, group: dict[str, Any], params: list[torch.Tensor]) -> bool:
+def writes_into_grads(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], params: list[torch.Tensor]
+) -> bool:
     """Whether torch's step for this group would modify the grads in place.
 
     torch's foreach SGD with nesterov momentum, no weight decay and no maximize adds
@@ -99,7 +113,9 @@ def writes_into_grads(optimizer: torch.optim.Optimizer, group: dict[str, Any], p
     return bool(foreach)
 
 
-def batches(optimizer: torch.optim.Optimizer, group: dict[str, Any], active: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+def batches(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], active: list[torch.Tensor]
+) -> list[list[torch.Tensor]]:
     """The active parameters of a group, in as many torch steps as torch can take them.
 
     One batch, except for fused SGD with momentum: torch's ``_fused_sgd`` treats a
@@ -116,3 +132,18 @@ def batches(optimizer: torch.optim.Optimizer, group: dict[str, Any], active: lis
     if not started or len(started) == len(active):
         return [active]
     return [started, [p for p in active if id(p) not in with_buffer]]
+
+
+def skips_by_found_inf(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
+    """Whether torch's step for this group skips its whole update on the device when the
+    optimizer's ``found_inf`` attribute is a tensor holding 1.
+
+    GradScaler's protocol for fused optimizers: torch's fused Adam, AdamW and SGD read
+    ``found_inf`` (and ``grad_scale``) from the optimizer, their kernels return before touching
+    anything when it is 1, and Adam's ``step`` count, incremented before the kernel, is
+    decremented by it. ``tests/test_torch_compat.py`` checks that a call with 1 changes
+    nothing and a call with 0 equals a call without it.
+    """
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)) and bool(
+        group.get("fused")
+    )

@@ -34,7 +34,11 @@ def make_params(
         value = torch.randn(shape, generator=gen, dtype=torch.float64)
         if dtype.is_complex:
             value = torch.complex(value, torch.randn(shape, generator=gen, dtype=torch.float64))
-        out.append(nn.Parameter(value.to(dtype if dtype.is_complex else real).to(device), requires_grad=requires_grad))
+        out.append(
+            nn.Parameter(
+                value.to(dtype if dtype.is_complex else real).to(device), requires_grad=requires_grad
+            )
+        )
     return out
 
 
@@ -78,8 +82,10 @@ def expected_active(grad: Tensor | None, frozen: bool, lazy: bool = True) -> boo
         return False
     if not lazy:
         return True
-    return any(v != 0 for v in torch.view_as_real(grad).flatten().tolist()) if grad.is_complex() else any(
-        v != 0 for v in grad.flatten().tolist()
+    return (
+        any(v != 0 for v in torch.view_as_real(grad).flatten().tolist())
+        if grad.is_complex()
+        else any(v != 0 for v in grad.flatten().tolist())
     )
 
 
@@ -87,7 +93,9 @@ def clone_state(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
 
 
-def snapshot(opt: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[tuple[Tensor, Tensor | None, dict[str, Any]]]:
+def snapshot(
+    opt: torch.optim.Optimizer, params: Sequence[Tensor]
+) -> list[tuple[Tensor, Tensor | None, dict[str, Any]]]:
     return [
         (p.detach().clone(), None if p.grad is None else p.grad.clone(), clone_state(opt.state.get(p, {})))
         for p in params
@@ -140,14 +148,21 @@ def assert_state_equal(a: dict[str, Any], b: dict[str, Any], what: str) -> None:
         assert bit_equal(value, b[key]), f"{what}: state[{key!r}] differs: {value} vs {b[key]}"
 
 
-def assert_unchanged(before: Sequence[tuple[Tensor, Tensor | None, dict[str, Any]]], opt: torch.optim.Optimizer,
-                     params: Sequence[Tensor], which: Sequence[int], what: str = "") -> None:
+def assert_unchanged(
+    before: Sequence[tuple[Tensor, Tensor | None, dict[str, Any]]],
+    opt: torch.optim.Optimizer,
+    params: Sequence[Tensor],
+    which: Sequence[int],
+    what: str = "",
+) -> None:
     """Parameters at ``which`` and their grads and state are bit-identical to ``before``."""
     for i in which:
         value, grad, state = before[i]
         p = params[i]
         assert bit_equal(p.detach(), value), f"{what} param {i} moved"
-        assert (p.grad is None) == (grad is None) and (grad is None or bit_equal(p.grad, grad)), f"{what} grad {i} changed"
+        assert (p.grad is None) == (grad is None) and (grad is None or bit_equal(p.grad, grad)), (
+            f"{what} grad {i} changed"
+        )
         now = opt.state.get(p, {})
         if state:
             assert_state_equal(now, state, f"{what} param {i}")
@@ -162,15 +177,23 @@ def assert_fresh(state: dict[str, Any], p: Tensor, what: str) -> None:
         if key == "step":
             assert float(v) == 0, f"{what}: fresh state has step {v}"
         elif isinstance(v, Tensor) and v.shape == p.shape and v.numel() > 1:
-            assert bit_equal(v, torch.full_like(v, v.flatten()[0].item())), f"{what}: state[{key!r}] was updated"
+            assert bit_equal(v, torch.full_like(v, v.flatten()[0].item())), (
+                f"{what}: state[{key!r}] was updated"
+            )
 
 
-def reference_step(ref_opt: torch.optim.Optimizer, ref_params: Sequence[Tensor],
-                   grads: Sequence[Tensor | None], active: Sequence[bool]) -> None:
+def reference_step(
+    ref_opt: torch.optim.Optimizer,
+    ref_params: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+    active: Sequence[bool],
+) -> None:
     """Step torch's optimizer with grads only on the active parameters."""
     for p, g, a in zip(ref_params, grads, active):
         p.grad = g.clone() if (a and g is not None) else None
-    if isinstance(ref_opt, torch.optim.SGD) and any(g["fused"] and g["momentum"] for g in ref_opt.param_groups):
+    if isinstance(ref_opt, torch.optim.SGD) and any(
+        g["fused"] and g["momentum"] for g in ref_opt.param_groups
+    ):
         # torch's fused SGD raises a TypeError when only some parameters have a momentum
         # buffer; step those that have one and those that do not as two torch steps.
         stepping = [p for p in ref_params if p.grad is not None]
@@ -187,9 +210,14 @@ def reference_step(ref_opt: torch.optim.Optimizer, ref_params: Sequence[Tensor],
     ref_opt.step()
 
 
-def assert_matches_reference(opt: torch.optim.Optimizer, params: Sequence[Tensor],
-                             ref_opt: torch.optim.Optimizer, ref_params: Sequence[Tensor],
-                             which: Sequence[int], what: str = "") -> None:
+def assert_matches_reference(
+    opt: torch.optim.Optimizer,
+    params: Sequence[Tensor],
+    ref_opt: torch.optim.Optimizer,
+    ref_params: Sequence[Tensor],
+    which: Sequence[int],
+    what: str = "",
+) -> None:
     for i in which:
         assert bit_equal(params[i].detach(), ref_params[i].detach()), f"{what} param {i} differs from torch"
         mine, ref = opt.state.get(params[i], {}), ref_opt.state.get(ref_params[i], {})

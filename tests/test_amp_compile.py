@@ -18,7 +18,13 @@ from torch import nn
 
 import safeopt
 
-IMPLS = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+IMPLS = {
+    "forloop": {"foreach": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+    # The device decision: GradScaler's found_inf combined with each parameter's own.
+    "fused_capturable": {"fused": True, "capturable": True},
+}
 
 
 def net() -> nn.Sequential:

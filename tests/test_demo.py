@@ -83,8 +83,8 @@ def test_the_module_runs_without_matplotlib_and_says_so(tmp_path: Path) -> None:
 
 def test_the_console_script_is_the_demo_entry_point() -> None:
     try:
-        dist = metadata.distribution("safeopt")
+        dist = metadata.distribution("torch-safeopt")  # the distribution name; the import name is safeopt
     except metadata.PackageNotFoundError:
-        pytest.skip("safeopt is not installed (pip install -e .)")
+        pytest.skip("torch-safeopt is not installed (pip install -e .)")
     (script,) = [e for e in dist.entry_points if e.group == "console_scripts" and e.name == "safeopt"]
     assert script.load() is main

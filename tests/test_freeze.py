@@ -51,15 +51,22 @@ def test_group_targets_freeze_the_group(target) -> None:
 
 @pytest.mark.parametrize(
     "target",
-    [lambda m: m.b.weight, lambda m: m.b, lambda m: [m.b.weight, m.a.bias], lambda m: (p for p in [m.b.weight])],
+    [
+        lambda m: m.b.weight,
+        lambda m: m.b,
+        lambda m: [m.b.weight, m.a.bias],
+        lambda m: (p for p in [m.b.weight]),
+    ],
     ids=["parameter", "module", "list", "generator"],
 )
 def test_parameter_targets_freeze_those_parameters(target) -> None:
     model, opt = make()
     opt.freeze(target(model))
     chosen = target(model)
-    chosen = list(chosen.parameters()) if isinstance(chosen, nn.Module) else (
-        [chosen] if isinstance(chosen, torch.Tensor) else list(target(model))
+    chosen = (
+        list(chosen.parameters())
+        if isinstance(chosen, nn.Module)
+        else ([chosen] if isinstance(chosen, torch.Tensor) else list(target(model)))
     )
     frozen = {id(p) for p in chosen}
     for p in model.parameters():
@@ -135,7 +142,11 @@ def test_add_param_group_accepts_frozen_and_lazy() -> None:
         (-3, IndexError, "param group index -3 is out of range"),
         ("c", KeyError, "no param group is named 'c'; named groups: \\['a', 'b'\\]"),
         ({"params": []}, ValueError, "not one of this optimizer's param_groups"),
-        (nn.Parameter(torch.zeros(7, 2)), ValueError, "tensor of shape \\(7, 2\\), dtype torch.float32 is not held"),
+        (
+            nn.Parameter(torch.zeros(7, 2)),
+            ValueError,
+            "tensor of shape \\(7, 2\\), dtype torch.float32 is not held",
+        ),
         (nn.Linear(1, 1), ValueError, "none of the parameters of the Linear module"),
         ([], ValueError, "empty"),
         ([1.0], TypeError, "expected an iterable of parameters, found float"),
@@ -171,7 +182,7 @@ def test_lazy_must_be_a_bool() -> None:
         safeopt.Adam([nn.Parameter(torch.zeros(1))], lazy="yes")
     _, opt = make()
     n = len(opt.param_groups)
-    with pytest.raises(ValueError, match="Invalid lazy value: 1; expected True, False or \"rows\""):
+    with pytest.raises(ValueError, match='Invalid lazy value: 1; expected True, False or "rows"'):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lazy": 1})
     with pytest.raises(ValueError, match="Invalid frozen value"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "frozen": "no"})

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import cases
 from test_clients import optional
 from test_distributed import WORLD, free_port, rank_env
 
@@ -51,6 +52,8 @@ def test_recipe_runs(
 ) -> None:
     if name in NEEDS:
         optional(*NEEDS[name])
+    if name == "FSDP2" and cases.FSDP2_ON_CPU:
+        pytest.skip(cases.FSDP2_ON_CPU)
     monkeypatch.chdir(tmp_path)
     if kind == "python":
         exec(compile(code, f"docs/integrations.md ({name})", "exec"), {"__name__": "__main__"})  # noqa: S102

@@ -25,8 +25,6 @@ SCHEDULE = [
 ]
 FROZEN = [set(), set(), {3}, {0, 3}, set()]
 
-CASES = cases.cases()
-
 
 def run_schedule(case: cases.Case, *, lazy: bool = True, dtype: torch.dtype = torch.float32) -> None:
     requires_grad = case.impl != "differentiable"
@@ -56,20 +54,22 @@ def run_schedule(case: cases.Case, *, lazy: bool = True, dtype: torch.dtype = to
             a is b for a, b in zip((p.grad for p in params), grad_objects)
         ), f"{what}: a grad was replaced"
         harness.assert_unchanged(before, opt, params, [i for i, a in enumerate(active) if not a], what)
-        harness.assert_matches_reference(opt, params, ref, ref_params, [i for i, a in enumerate(active) if a], what)
+        harness.assert_matches_reference(
+            opt, params, ref, ref_params, [i for i, a in enumerate(active) if a], what
+        )
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", cases.params())
 def test_schedule_matches_torch_on_active_parameters(case: cases.Case) -> None:
     run_schedule(case)
 
 
-@pytest.mark.parametrize("case", cases.cases(twins_only=True), ids=lambda c: c.id)
+@pytest.mark.parametrize("case", cases.params(twins_only=True))
 def test_lazy_false_steps_zero_grads_like_torch(case: cases.Case) -> None:
     run_schedule(case, lazy=False)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.impl != "differentiable"], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", cases.params(where=lambda c: c.impl != "differentiable"))
 def test_all_active_is_exactly_torch(case: cases.Case) -> None:
     """With every parameter active every step, safeopt is torch: same parameters, same state."""
     params = harness.make_params(SHAPES[:4])

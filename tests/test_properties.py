@@ -38,6 +38,7 @@ from torch import Tensor, nn
 import cases
 import harness
 import safeopt
+from safeopt import _rule
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64)
 
@@ -475,6 +476,50 @@ TestSeamsMachine = SeamsMachine.TestCase
 TestSeamsMachine.settings = settings(
     parent=settings.default, max_examples=max(5, settings.default.max_examples // 4)
 )
+
+
+@functools.cache
+def _capturable_cpu_cases() -> list[cases.Case]:
+    """The fused Adam and AdamW cases with ``capturable=True``, which torch accepts on the CPU: the
+    step that decides on the device and reads nothing on the host (``safeopt/_capturable.py``)."""
+    out = []
+    for case in _cpu_cases():
+        if case.impl != "fused" or case.torch_cls not in (torch.optim.Adam, torch.optim.AdamW):
+            continue
+        kwargs = {**case.kwargs, "capturable": True}
+        try:
+            case.torch_cls([nn.Parameter(torch.zeros(2))], **kwargs)
+        except (ValueError, RuntimeError):
+            continue
+        out.append(dataclasses.replace(case, kwargs=kwargs, impl="fused_capturable"))
+    return out
+
+
+class CapturableMachine(OptimizerMachine):
+    """The capturable step (per-parameter skips on the device) against torch."""
+
+    @staticmethod
+    def all_cases() -> list[cases.Case]:
+        return _capturable_cpu_cases()
+
+
+class DeviceDecisionMachine(OptimizerMachine):
+    """Every configuration with the eager decision made as on an accelerator (``_device``
+    kernels, flags read once or twice per device) instead of the CPU's memory probe."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        _rule.FORCE_DEVICE = True
+
+    def teardown(self) -> None:
+        _rule.FORCE_DEVICE = False
+
+
+_QUARTER = settings(parent=settings.default, max_examples=max(5, settings.default.max_examples // 4))
+TestCapturableMachine = CapturableMachine.TestCase
+TestCapturableMachine.settings = _QUARTER
+TestDeviceDecisionMachine = DeviceDecisionMachine.TestCase
+TestDeviceDecisionMachine.settings = _QUARTER
 
 
 @functools.cache

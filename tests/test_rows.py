@@ -118,7 +118,11 @@ def test_active_rows_wide_rows(dtype: torch.dtype, open_rows: str) -> None:
             row[-1] = 1.5
         elif kind == "-0 but a sign byte":
             row.fill_(-0.0)
-            row[width // 2] = harness.from_bits(0x80, real).to(dtype) if not dtype.is_complex else complex(harness.from_bits(0x80, real).item(), 0)
+            row[width // 2] = (
+                harness.from_bits(0x80, real).to(dtype)
+                if not dtype.is_complex
+                else complex(harness.from_bits(0x80, real).item(), 0)
+            )
         elif kind == "nan later":
             row[3] = float("nan")
         elif kind == "subnormal later":
@@ -158,7 +162,9 @@ def assert_rounding_close(
     assert bool(nan_ok.all()), f"{what}: NaN where torch has none, or the reverse"
     tol = 4 * eps * (b.abs() + e.abs())
     ok = (a == e) | ((a - e).abs() <= tol) | e.isnan() | (either & a.isnan())
-    assert bool(ok.all()), f"{what}: {a[~ok].tolist()} != torch's {e[~ok].tolist()} (before {b[~ok].tolist()})"
+    assert bool(ok.all()), (
+        f"{what}: {a[~ok].tolist()} != torch's {e[~ok].tolist()} (before {b[~ok].tolist()})"
+    )
 
 
 def step_row_alone(
@@ -181,31 +187,23 @@ def step_row_alone(
 
 # -- the property test -----------------------------------------------------------------------------
 
-CONFIGS: list[tuple[type, dict[str, Any]]] = [
-    (torch.optim.Adam, {}),
-    (torch.optim.Adam, {"amsgrad": True, "weight_decay": 0.1}),
-    (torch.optim.Adam, {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}),
-    (torch.optim.AdamW, {"amsgrad": True, "maximize": True}),
-    (torch.optim.SGD, {}),
-    (torch.optim.SGD, {"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.1}),
-    (torch.optim.SGD, {"momentum": 0.9, "nesterov": True, "maximize": True}),
-    (torch.optim.SGD, {"momentum": 0.5, "nesterov": True}),  # torch's foreach step writes into grads
-]
-IMPLS = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+# The configurations, and the implementation x dtype pairs left out, live in tests/cases.py.
+CONFIGS = cases.row_configs()
+IMPLS = cases.ROW_IMPLS
 PROPERTY_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.complex64)
 # (shape of the base tensor, transposed?): rows of 2-d and 3-d parameters, a transposed one,
 # width-1 rows (grouped biases), and what follows the tensor rule (1-d, 0-d) or has no rows.
-PARAM_SHAPES = (((5, 3), False), ((4, 2, 2), False), ((3, 5), True), ((6, 1), False), ((3,), False), ((), False),
-                ((0, 3), False), ((3, 0), False))
+PARAM_SHAPES = (
+    ((5, 3), False),
+    ((4, 2, 2), False),
+    ((3, 5), True),
+    ((6, 1), False),
+    ((3,), False),
+    ((), False),
+    ((0, 3), False),
+    ((3, 0), False),
+)
 ROW_KINDS = ("zero", "negzero", "dense", "dense", "subnormal", "nan")
-
-
-def _supported(torch_cls: type, kwargs: dict[str, Any], impl: str, dtype: torch.dtype) -> bool:
-    if impl == "fused" and dtype.is_complex:
-        return False  # torch's fused kernels take floating dtypes only
-    # torch 2.13's CPU fused SGD updates only the tail of a bfloat16 or float16 tensor (the
-    # vectorised body is left as it was), so a row's update depends on where it sits in the tensor.
-    return not (torch_cls is torch.optim.SGD and impl == "fused" and dtype in (torch.bfloat16, torch.float16))
 
 
 def _row_grad(shape: tuple[int, ...], dtype: torch.dtype, kinds: list[str], gen: torch.Generator) -> Tensor:
@@ -240,7 +238,7 @@ def _rows_property(data: Any) -> None:
     torch_cls, kwargs = data.draw(st.sampled_from(CONFIGS), label="config")
     impl = data.draw(st.sampled_from(sorted(IMPLS)), label="impl")
     dtype = data.draw(st.sampled_from(PROPERTY_DTYPES), label="dtype")
-    if not _supported(torch_cls, kwargs, impl, dtype):
+    if cases.rows_unsupported(torch_cls, impl, dtype):
         impl = "forloop"
     kwargs = {"lr": 0.05, **kwargs, **IMPLS[impl]}
     twin = cases.TWINS[torch_cls]
@@ -267,16 +265,28 @@ def _rows_property(data: Any) -> None:
     uniform = [True] * len(params)  # every step so far: all rows active or none
 
     for step in range(data.draw(st.integers(1, 6), label="steps")):
-        frozen = data.draw(st.lists(st.booleans(), min_size=len(params), max_size=len(params)), label="frozen")
+        frozen = data.draw(
+            st.lists(st.booleans(), min_size=len(params), max_size=len(params)), label="frozen"
+        )
         grads: list[Tensor | None] = []
         for p, n in zip(params, n_rows):
             kind = data.draw(st.sampled_from(("none", "rows", "rows", "all dense")), label="grad")
             if kind == "none":
                 grads.append(None)
             elif p.dim() < 2 or kind == "all dense":
-                grads.append(harness.make_grad(torch.empty(p.shape, dtype=dtype), "dense" if kind == "all dense" else data.draw(st.sampled_from(("zero", "dense")), label="kind"), gen))
+                grads.append(
+                    harness.make_grad(
+                        torch.empty(p.shape, dtype=dtype),
+                        "dense"
+                        if kind == "all dense"
+                        else data.draw(st.sampled_from(("zero", "dense")), label="kind"),
+                        gen,
+                    )
+                )
             else:
-                kinds = data.draw(st.lists(st.sampled_from(ROW_KINDS), min_size=n, max_size=n), label="row kinds")
+                kinds = data.draw(
+                    st.lists(st.sampled_from(ROW_KINDS), min_size=n, max_size=n), label="row kinds"
+                )
                 grads.append(_row_grad(tuple(p.shape), dtype, kinds, gen))
         # Grads laid out like their parameters, as autograd makes them: torch 2.13's CPU fused
         # Adam mixes up elements when a grad's strides differ from its parameter's.
@@ -293,7 +303,9 @@ def _rows_property(data: Any) -> None:
 
         what = f"{torch_cls.__name__} {impl} {dtype} step {step}"
         for i, (p, grad) in enumerate(zip(params, grads)):
-            assert p.grad is grad and (grad is None or harness.bit_equal(grad, before[i][1])), f"{what}: grad {i}"
+            assert p.grad is grad and (grad is None or harness.bit_equal(grad, before[i][1])), (
+                f"{what}: grad {i}"
+            )
             if p.dim() < 2:
                 continue
             rows = [] if frozen[i] or grad is None else expected_rows(grad)
@@ -301,20 +313,35 @@ def _rows_property(data: Any) -> None:
             state = opt.state.get(p, {})
             idle = [r for r in range(n_rows[i]) if r not in rows]
             for r in idle:
-                assert harness.bit_equal(p.detach()[r], old_value[r]), f"{what}: idle row {r} of param {i} moved"
+                assert harness.bit_equal(p.detach()[r], old_value[r]), (
+                    f"{what}: idle row {r} of param {i} moved"
+                )
                 for key, value in old_state.items():
                     if key == ROW_STEP or (isinstance(value, Tensor) and value.shape == p.shape):
                         assert harness.bit_equal(state[key][r], value[r]), f"{what}: state[{key!r}] row {r}"
             if rows and len(rows) < n_rows[i]:
                 uniform[i] = False
             for r in rows:
-                row_state = {k: (v[r : r + 1] if v.shape == p.shape else v) for k, v in old_state.items()
-                             if isinstance(v, Tensor) and k != ROW_STEP}
+                row_state = {
+                    k: (v[r : r + 1] if v.shape == p.shape else v)
+                    for k, v in old_state.items()
+                    if isinstance(v, Tensor) and k != ROW_STEP
+                }
                 if not sgd and "step" not in row_state:  # first step: torch's fresh state
-                    row_state = {"step": torch.zeros_like(state["step"]),
-                                 **{k: torch.zeros_like(v[r : r + 1]) for k, v in state.items() if k not in ("step", ROW_STEP)}}
-                value, ref_state = step_row_alone(torch_cls, kwargs, old_value[r : r + 1], grad[r : r + 1], row_state, counts[i][r])
-                assert_rounding_close(p.detach()[r : r + 1], value, old_value[r : r + 1], f"{what}: param {i} row {r}")
+                    row_state = {
+                        "step": torch.zeros_like(state["step"]),
+                        **{
+                            k: torch.zeros_like(v[r : r + 1])
+                            for k, v in state.items()
+                            if k not in ("step", ROW_STEP)
+                        },
+                    }
+                value, ref_state = step_row_alone(
+                    torch_cls, kwargs, old_value[r : r + 1], grad[r : r + 1], row_state, counts[i][r]
+                )
+                assert_rounding_close(
+                    p.detach()[r : r + 1], value, old_value[r : r + 1], f"{what}: param {i} row {r}"
+                )
                 for key, ref_value in ref_state.items():
                     if key != "step":
                         old = row_state.get(key, torch.zeros_like(ref_value))
@@ -334,7 +361,9 @@ def _rows_property(data: Any) -> None:
             if ROW_STEP in state:
                 assert state[ROW_STEP].dtype == torch.float32 and state[ROW_STEP].shape == (n_rows[i],)
                 if sgd:  # SGD keeps no step count: only "started" matters
-                    assert (state[ROW_STEP] > 0).tolist() == [c > 0 for c in counts[i]], f"{what}: row_step {i}"
+                    assert (state[ROW_STEP] > 0).tolist() == [c > 0 for c in counts[i]], (
+                        f"{what}: row_step {i}"
+                    )
                 else:
                     assert state[ROW_STEP].tolist() == counts[i], f"{what}: row_step of param {i}"
             elif counted:
@@ -347,7 +376,12 @@ def _rows_property(data: Any) -> None:
             # starts its momentum buffer (test_torch_foreach_sgd_rounds_by_its_company), and the
             # two runs put different company beside it when some other parameter starts as a
             # whole under lazy=True but by rows here. There: within a few ulps a step.
-            if sgd and impl == "foreach" and kwargs.get("momentum") and dtype in (torch.float16, torch.bfloat16):
+            if (
+                sgd
+                and impl == "foreach"
+                and kwargs.get("momentum")
+                and dtype in (torch.float16, torch.bfloat16)
+            ):
                 _assert_within_ulps(p.detach(), q.detach(), step + 1, f"{what}: param {i} against lazy=True")
                 for key, value in opt.state.get(p, {}).items():
                     _assert_within_ulps(value, lazy_opt.state[q][key], step + 1, f"{what}: param {i} {key}")
@@ -390,7 +424,9 @@ def test_torch_foreach_sgd_rounds_by_its_company() -> None:
         results = []
         for company in (False, True):
             a, b = nn.Parameter(start.clone()), nn.Parameter(start.clone())
-            opt = torch.optim.SGD([a, b], lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.1, foreach=True)
+            opt = torch.optim.SGD(
+                [a, b], lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.1, foreach=True
+            )
             a.grad = g1.clone()
             opt.step()  # a has a buffer, b none
             a.grad, b.grad = g2.clone(), (other.clone() if company else None)
@@ -404,8 +440,11 @@ def test_the_tolerance_sees_a_wrong_step_count() -> None:
     """assert_rounding_close fails when a row is stepped with its neighbour's count (one more)."""
     gen = torch.Generator().manual_seed(0)
     row, grad = torch.randn(1, 8, generator=gen), torch.randn(1, 8, generator=gen)
-    state = {"step": torch.tensor(5.0), "exp_avg": torch.randn(1, 8, generator=gen) * 0.1,
-             "exp_avg_sq": torch.rand(1, 8, generator=gen) * 0.01}
+    state = {
+        "step": torch.tensor(5.0),
+        "exp_avg": torch.randn(1, 8, generator=gen) * 0.1,
+        "exp_avg_sq": torch.rand(1, 8, generator=gen) * 0.01,
+    }
     right, _ = step_row_alone(torch.optim.Adam, {"lr": 0.05}, row, grad, state, 5)
     wrong, _ = step_row_alone(torch.optim.Adam, {"lr": 0.05}, row, grad, state, 6)
     assert_rounding_close(right, right.clone(), row, "same")
@@ -416,7 +455,7 @@ def test_the_tolerance_sees_a_wrong_step_count() -> None:
 # -- fixed scenarios ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", [c for c in cases.cases(twins_only=True) if c.impl != "differentiable"], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", cases.params(twins_only=True, where=lambda c: c.impl != "differentiable"))
 def test_every_row_active_is_lazy_true_bit_for_bit(case: cases.Case) -> None:
     """Every optim_db configuration of the twins: with all rows active every step, rows is lazy=True."""
     shapes = [(4, 3), (2, 3, 2), (5,), ()]
@@ -501,8 +540,10 @@ def test_rows_is_refused_through_wrap_and_with_differentiable() -> None:
     for opt, message in [
         (safeopt.wrap(torch.optim.Adam([w]), lazy="rows"), 'lazy="rows" \\(param group 0\\) is supported by'),
         (safeopt.wrap(torch.optim.RMSprop([{"params": [w], "lazy": "rows"}])), "use safeopt.Adam"),
-        (safeopt.SGD([nn.Parameter(torch.ones(2, 2))], lr=0.1, differentiable=True, lazy="rows"),
-         "does not support differentiable=True"),
+        (
+            safeopt.SGD([nn.Parameter(torch.ones(2, 2))], lr=0.1, differentiable=True, lazy="rows"),
+            "does not support differentiable=True",
+        ),
     ]:
         for p in opt.param_groups[0]["params"]:
             p.grad = w.grad
@@ -554,7 +595,9 @@ def test_matches_sparse_adam_on_sparse_gradients() -> None:
         assert torch.equal(dense.detach()[idle], before[idle])
         assert torch.equal(table.detach()[idle], table_before[idle])
         for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(opt.state[dense][key], sparse_table.state[table][key], rtol=1e-12, atol=0)
+            torch.testing.assert_close(
+                opt.state[dense][key], sparse_table.state[table][key], rtol=1e-12, atol=0
+            )
         expected = torch.cat([a.detach() for a in alone])
         torch.testing.assert_close(dense.detach(), expected, rtol=1e-12, atol=0)
 
@@ -601,7 +644,9 @@ def test_grad_scaler_skips_an_inf_step_and_keeps_row_counts(
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["gathered", "in place"])
-def test_a_raising_step_keeps_grads_and_leaves_no_trace(in_place: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_raising_step_keeps_grads_and_leaves_no_trace(
+    in_place: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """torch's step raising (here: a sparse grad that Adam refuses in another param's place)
     leaves every grad the same tensor with the same values, and no gathered rows in the state."""
     monkeypatch.setattr(_rows, "_RUN_BYTES", 1 if in_place else 2**62)

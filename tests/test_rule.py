@@ -1,4 +1,8 @@
-"""The zero check: what counts as "every element equals zero"."""
+"""The zero check: what counts as "every element equals zero".
+
+Every test runs three ways: decided as on the CPU (memory probe, then ``aminmax``), and as on an
+accelerator (``_rule.FORCE_DEVICE``: the ``_device`` kernels), with and without the probe round.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,16 @@ import pytest
 import torch
 
 import harness
+from safeopt import _rule
 from safeopt._rule import nonzero_flags
+
+
+@pytest.fixture(autouse=True, params=["host", "device", "device-no-probe"])
+def decision(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(_rule, "FORCE_DEVICE", request.param != "host")
+    monkeypatch.setattr(_rule, "DEVICE_PROBE", request.param != "device-no-probe")
+    return str(request.param)
+
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64]
 
@@ -40,9 +53,11 @@ def test_zero_kinds_are_zero_and_everything_else_is_not(dtype: torch.dtype, wher
     expected = {"+0": False, "-0": False, "empty": False, "0-d zero": False}
     flags = nonzero_flags(list(grads.values()))
     assert dict(zip(grads, flags)) == {name: expected.get(name, True) for name in grads}
-    assert grads["subnormal"][where] != 0 and abs(grads["subnormal"][where]) < torch.finfo(
-        dtype.to_real() if dtype.is_complex else dtype
-    ).smallest_normal, "value was not subnormal"
+    assert (
+        grads["subnormal"][where] != 0
+        and abs(grads["subnormal"][where])
+        < torch.finfo(dtype.to_real() if dtype.is_complex else dtype).smallest_normal
+    ), "value was not subnormal"
 
 
 def test_complex_counts_either_part() -> None:
@@ -67,13 +82,23 @@ def test_non_contiguous_offset_and_expanded_grads() -> None:
 
 
 def test_integer_and_bool_tensors_fall_back_to_the_full_check() -> None:
-    assert nonzero_flags([torch.tensor([0, 3]), torch.tensor([False, False]), torch.tensor([7])]) == [True, False, True]
+    assert nonzero_flags([torch.tensor([0, 3]), torch.tensor([False, False]), torch.tensor([7])]) == [
+        True,
+        False,
+        True,
+    ]
 
 
 def test_sparse_grads_check_their_values_after_coalescing() -> None:
-    cancel = torch.sparse_coo_tensor(torch.tensor([[1, 1]]), torch.tensor([2.0, -2.0]), (4,), check_invariants=True)
-    kept = torch.sparse_coo_tensor(torch.tensor([[1, 2]]), torch.tensor([2.0, 0.0]), (4,), check_invariants=True)
-    empty = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0), (4,), check_invariants=True)
+    cancel = torch.sparse_coo_tensor(
+        torch.tensor([[1, 1]]), torch.tensor([2.0, -2.0]), (4,), check_invariants=True
+    )
+    kept = torch.sparse_coo_tensor(
+        torch.tensor([[1, 2]]), torch.tensor([2.0, 0.0]), (4,), check_invariants=True
+    )
+    empty = torch.sparse_coo_tensor(
+        torch.zeros(1, 0, dtype=torch.long), torch.zeros(0), (4,), check_invariants=True
+    )
     assert nonzero_flags([cancel, kept, empty]) == [False, True, False]
 
 

@@ -34,7 +34,7 @@ def fresh(case: cases.Case) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
     return case.make_safe(params), params
 
 
-@pytest.mark.parametrize("case", [c for c in cases.cases() if c.impl != "differentiable"], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", cases.params(where=lambda c: c.impl != "differentiable"))
 def test_resume_from_checkpoint_is_bit_identical(case: cases.Case) -> None:
     whole, whole_params = fresh(case)
     run(whole, whole_params, range(4))
@@ -89,7 +89,7 @@ def test_bad_flags_in_a_state_dict_raise_and_change_nothing() -> None:
     for key, value, message in [
         ("frozen_params", [5], "Invalid frozen_params in param group 0 of the state_dict: \\[5\\]"),
         ("frozen", "yes", "Invalid frozen value"),
-        ("lazy", None, "Invalid lazy value: None; expected True, False or \"rows\""),
+        ("lazy", None, 'Invalid lazy value: None; expected True, False or "rows"'),
     ]:
         bad = copy.deepcopy(good)
         bad["param_groups"][0][key] = value

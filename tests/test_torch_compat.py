@@ -1,20 +1,38 @@
-"""The seams in safeopt/_torch_compat.py, checked against the installed torch."""
+"""The seams in safeopt/_torch_compat.py, checked against the installed torch.
+
+One canary per reliance on torch internals: when a torch release changes one, its test fails
+and names the torch version (``TORCH``), before a user's training run finds out.
+"""
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.testing._internal.common_optimizers import optim_db
 
 import cases
 import harness
 import safeopt
-from safeopt._torch_compat import allocate_state, batches, unhooked, writes_into_grads
+from safeopt._torch_compat import (
+    _GROUP_OPTION_ARGS,
+    _init_group_outputs,
+    allocate_state,
+    batches,
+    skips_by_found_inf,
+    unhooked,
+    writes_into_grads,
+)
+
+TORCH = torch.__version__
 
 
 def test_step_hooks_run_once_even_when_torch_class_is_hooked() -> None:
     torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])  # torch hooks Adam.step on first use
-    assert getattr(torch.optim.Adam.step, "hooked", False)
+    assert getattr(torch.optim.Adam.step, "hooked", False), f"torch {TORCH} no longer marks hooked steps"
+    assert hasattr(torch.optim.Adam.step, "__wrapped__"), f"torch {TORCH}'s step wrapper keeps no __wrapped__"
     assert unhooked(torch.optim.Adam.step) is not torch.optim.Adam.step
 
     p = torch.nn.Parameter(torch.ones(2))
@@ -28,10 +46,55 @@ def test_step_hooks_run_once_even_when_torch_class_is_hooked() -> None:
         opt.step()
     finally:
         handle.remove()
-    assert calls == ["global", "pre", "post"]
+    assert calls == ["global", "pre", "post"], f"torch {TORCH}: hooks ran as {calls}"
 
 
-@pytest.mark.parametrize("case", [c for c in cases.cases() if c.impl in ("forloop", "fused")], ids=lambda c: c.id)
+@pytest.mark.parametrize(
+    "torch_cls",
+    sorted(
+        {info.optim_cls for info in optim_db if hasattr(info.optim_cls, "_init_group")},
+        key=lambda c: c.__name__,
+    ),
+    ids=lambda c: c.__name__,
+)
+def test_init_group_signature_is_understood(torch_cls: type) -> None:
+    """allocate_state calls ``_init_group(group, *outputs)``: every output a list, but for the group
+    options it knows (torch 2.6's AdamW takes ``amsgrad``). Otherwise it silently allocates nothing."""
+    outputs = _init_group_outputs(torch_cls)
+    sig = inspect.signature(torch_cls._init_group)
+    assert outputs is not None, (
+        f"torch {TORCH}: {torch_cls.__name__}._init_group{sig} is not (self, group, *lists)"
+    )
+    p = torch.nn.Parameter(torch.ones(2, 2))
+    p.grad = torch.ones(2, 2)
+    opt = torch_cls([p])
+    group = opt.param_groups[0]
+    args = [group[n] if n in _GROUP_OPTION_ARGS and n in group else [] for n in outputs]
+    with torch.no_grad():
+        torch_cls._init_group(opt, group, *args)
+    lists = [a for a in args if isinstance(a, list)]
+    assert lists and all(len(a) in (0, 1) for a in lists), (
+        f"torch {TORCH}: {torch_cls.__name__}._init_group{sig}"
+    )
+    assert lists[0] == [p] or lists[1] == [p.grad], (
+        f"torch {TORCH}: {torch_cls.__name__}._init_group{sig} no longer gathers the parameters first"
+    )
+
+
+def test_default_to_fused_or_foreach_is_there() -> None:
+    """writes_into_grads asks torch which implementation a group without ``foreach`` gets."""
+    from torch.optim import optimizer
+
+    assert hasattr(optimizer, "_default_to_fused_or_foreach"), (
+        f"torch {TORCH} moved _default_to_fused_or_foreach"
+    )
+    fused, foreach = optimizer._default_to_fused_or_foreach([torch.zeros(1)], False, use_fused=False)
+    assert (fused, foreach) == (False, False), (
+        f"torch {TORCH}: CPU tensors default to fused={fused}, foreach={foreach}"
+    )
+
+
+@pytest.mark.parametrize("case", cases.params(where=lambda c: c.impl in ("forloop", "fused")))
 def test_allocated_state_is_what_torch_allocates(case: cases.Case) -> None:
     """Keys, dtypes, devices and shapes as after torch's own first step; values untouched by it."""
     (p,) = harness.make_params([(3, 2)])
@@ -44,7 +107,9 @@ def test_allocated_state_is_what_torch_allocates(case: cases.Case) -> None:
     if not theirs or isinstance(opt, torch.optim.SGD):
         assert not mine  # SGD's buffer is created by its first update, not before
         return
-    assert set(mine) <= set(theirs)
+    assert set(mine) == set(theirs), (
+        f"torch {torch.__version__}: {case.id}: {sorted(mine)} != {sorted(theirs)}"
+    )
     for key in mine:
         a, b = mine[key], theirs[key]
         if isinstance(b, torch.Tensor):
@@ -52,7 +117,9 @@ def test_allocated_state_is_what_torch_allocates(case: cases.Case) -> None:
     harness.assert_fresh(mine, p, case.id)
 
 
-@pytest.mark.parametrize("case", [c for c in cases.cases(twins_only=True) if c.torch_cls is torch.optim.SGD], ids=lambda c: c.id)
+@pytest.mark.parametrize(
+    "case", cases.params(twins_only=True, where=lambda c: c.torch_cls is torch.optim.SGD)
+)
 def test_writes_into_grads_predicts_torch(case: cases.Case) -> None:
     """The predicate is True exactly when torch's step would change the caller's grads."""
     params = harness.make_params([(4,), (2, 2)], requires_grad=case.impl != "differentiable")
@@ -75,6 +142,47 @@ def test_fused_sgd_still_needs_batches() -> None:
     opt.step()
     b.grad = torch.ones(3)
     with pytest.raises(TypeError):
-        opt.step()
+        opt.step()  # if this passes, torch fixed it: batches() can go back to one batch
     assert batches(opt, opt.param_groups[0], [a, b]) == [[a], [b]]
     assert batches(opt, opt.param_groups[0], [a]) == [[a]]
+
+
+FOUND_INF_CASES = {
+    "Adam": (torch.optim.Adam, {"fused": True, "capturable": True, "amsgrad": True, "weight_decay": 0.1}),
+    "AdamW": (torch.optim.AdamW, {"fused": True, "weight_decay": 0.1}),
+    "SGD": (torch.optim.SGD, {"fused": True, "lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}),
+}
+
+
+@pytest.mark.parametrize("name", FOUND_INF_CASES)
+def test_fused_step_skips_a_call_whose_found_inf_is_one(name: str) -> None:
+    """skips_by_found_inf: the capturable step gives each parameter a torch call of its own with
+    ``optimizer.found_inf`` set. torch's fused kernels must skip the whole call at 1 (Adam's step
+    count back where it was), and a call at 0 must equal a call without found_inf, bit for bit."""
+    torch_cls, kwargs = FOUND_INF_CASES[name]
+
+    def stepped(
+        found_inf: float | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.optim.Optimizer]:
+        p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+        opt = torch_cls([p], **kwargs)
+        assert skips_by_found_inf(opt, opt.param_groups[0]), f"torch {TORCH}: {name} fused lost found_inf"
+        p.grad = torch.tensor([0.5, 0.25, -1.0])
+        opt.step()  # state exists (SGD's momentum buffer too)
+        before = (p.detach().clone(), harness.clone_state(opt.state[p]))
+        if found_inf is not None:
+            opt.found_inf = torch.tensor(found_inf)  # type: ignore[attr-defined]
+        opt.step()
+        if found_inf == 1.0:
+            assert harness.bit_equal(p.detach(), before[0]), (
+                f"torch {TORCH}: found_inf=1 moved {name}'s param"
+            )
+            harness.assert_state_equal(
+                opt.state[p], before[1], f"torch {TORCH}: {name} state with found_inf=1"
+            )
+        return p.detach().clone(), harness.clone_state(opt.state[p]), opt
+
+    stepped(1.0)
+    plain, zero = stepped(None), stepped(0.0)
+    assert harness.bit_equal(plain[0], zero[0]), f"torch {TORCH}: {name} with found_inf=0 differs"
+    harness.assert_state_equal(zero[1], plain[1], f"torch {TORCH}: {name} state with found_inf=0")

@@ -21,7 +21,9 @@ def batches(n: int) -> list[torch.Tensor]:
     return [torch.randn(6, 4, generator=gen) for _ in range(n)]
 
 
-@pytest.mark.parametrize("impl", [{"foreach": False}, {"foreach": True}, {"fused": True}], ids=["forloop", "foreach", "fused"])
+@pytest.mark.parametrize(
+    "impl", [{"foreach": False}, {"foreach": True}, {"fused": True}], ids=["forloop", "foreach", "fused"]
+)
 def test_gradient_penalty_matches_torch_when_everything_is_active(impl: dict) -> None:
     """A WGAN-GP-style loss: the input-gradient norm, differentiated again (create_graph=True)."""
 
@@ -67,7 +69,10 @@ def schedulers(opt: torch.optim.Optimizer) -> list:
         torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=6),
         torch.optim.lr_scheduler.SequentialLR(
             opt,
-            [torch.optim.lr_scheduler.LinearLR(opt, 0.1, total_iters=2), torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)],
+            [
+                torch.optim.lr_scheduler.LinearLR(opt, 0.1, total_iters=2),
+                torch.optim.lr_scheduler.ExponentialLR(opt, 0.9),
+            ],
             milestones=[2],
         ),
     ]

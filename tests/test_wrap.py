@@ -37,7 +37,9 @@ def test_wrapper_is_an_optimizer_sharing_groups_and_state() -> None:
     inner = torch.optim.RMSprop(params, lr=0.1)
     opt = safeopt.wrap(inner)
     assert isinstance(opt, torch.optim.Optimizer) and opt.optimizer is inner
-    assert opt.param_groups is inner.param_groups and opt.state is inner.state and opt.defaults is inner.defaults
+    assert (
+        opt.param_groups is inner.param_groups and opt.state is inner.state and opt.defaults is inner.defaults
+    )
     extra = nn.Parameter(torch.ones(2))
     opt.add_param_group({"params": [extra], "name": "extra", "frozen": True})
     assert inner.param_groups[-1]["params"] == [extra] and opt.is_frozen("extra")

@@ -22,7 +22,10 @@ def main() -> None:
     torch.manual_seed(0)
     model = nn.ModuleDict({"left": nn.Linear(4, 4), "right": nn.Linear(4, 4)})
     opt = safeopt.Adam(
-        [{"params": model["left"].parameters(), "name": "left"}, {"params": model["right"].parameters(), "name": "right"}],
+        [
+            {"params": model["left"].parameters(), "name": "left"},
+            {"params": model["right"].parameters(), "name": "right"},
+        ],
         lr=0.05,
         weight_decay=0.1,
     )
