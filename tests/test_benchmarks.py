@@ -1,12 +1,12 @@
-"""The benchmark harness: it measures what it says, and the committed tables come from the committed JSON.
+"""The benchmark suites: they measure what they say, and the committed tables come from the committed JSON.
 
-No timing is asserted here (timings are the benchmark's business, not a test's): only that the
-harness runs its A/B rounds on real optimizers and that what it writes is consistent.
+No timing is asserted here (timings are the benchmark's business, not a test's): only that a
+suite's rows come from real ``safeopt.bench`` measurements and that what it writes is consistent.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import ast
 import json
 import shutil
 import sys
@@ -16,46 +16,70 @@ import pytest
 import torch
 from torch import nn
 
+import safeopt
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+SUITES = ("overhead", "idle", "rows")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "benchmarks" / "bench_step.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_step"] = module  # dataclasses look their module up by name
+    """The benchmarks package (catalogue and report), imported as the scripts import it."""
+    sys.path.insert(0, str(ROOT))
     try:
-        spec.loader.exec_module(module)
-        yield module
+        from benchmarks import catalogue, report
+
+        yield catalogue, report
     finally:
-        sys.modules.pop("bench_step", None)
+        sys.path.remove(str(ROOT))
 
 
-@pytest.mark.parametrize("how", ["zero grads", "freeze"])
-def test_measure_runs_both_optimizers_and_releases_the_grads(bench, how: str) -> None:
-    torch.manual_seed(0)
-    params = [nn.Parameter(torch.randn(100)) for _ in range(4)]
-    idle = bench._inactive(params, 0.5)
-    assert len(idle) == 2
-    row = bench.measure("cpu", "test", "Adam", "foreach", how, 0.5, params, rounds=3, steps=2)
-    assert row.workload == "test" and row.how == how and row.active == 0.5
-    assert row.torch_ms > 0 and row.safeopt_ms > 0 and row.ratio > 0
-    assert all(p.grad is None for p in params)  # grads released after measuring
+def test_a_row_is_a_real_measurement_and_its_table_says_so(bench, tmp_path: Path) -> None:
+    catalogue, report = bench
+    params = [nn.Parameter(torch.randn(50)) for _ in range(4)]
+    result = safeopt.bench(
+        params,
+        catalogue.optimizer("Adam", "foreach"),
+        idle=[0.5],
+        idle_by="freeze",
+        rounds=2,
+        min_run_time=0.02,
+        verbose=False,
+    )
+    (row,) = [report.Row.of(r, "cpu", "test", "Adam", "foreach") for r in result.rows]
+    assert (
+        row.how == "freeze"
+        and row.active == 0.5
+        and row.torch_ms > 0
+        and row.safeopt_ms > 0
+        and row.ratio > 0
+    )
+    info = report.meta(["cpu"], True, 2, 1.0, ["test"])
+    path = report.save(tmp_path, "idle", [row], info)
+    assert path.name == "idle-quick.json"  # a quick run never overwrites the full results
+    table = path.with_suffix(".md").read_text()
+    assert "| cpu | test | Adam | foreach | freeze | 50% |" in table and f"**{row.ratio:.2f}**" in table
 
 
 def test_committed_tables_are_generated_from_the_committed_json(bench, tmp_path: Path) -> None:
+    catalogue, report = bench
     out = tmp_path / "results"
     shutil.copytree(RESULTS, out)
-    assert bench.main(["--replot", "--out", str(out)]) == 0
-    for name in ("results.md", "rows.md"):
+    assert {p.stem for p in report.replot(out)} == set(SUITES)
+    for suite in SUITES:
+        name = f"{suite}.md"
         assert (out / name).read_text() == (RESULTS / name).read_text(), f"{name} does not match its JSON"
-    saved = json.loads((RESULTS / "results.json").read_text())
-    assert saved["meta"]["quick"] is False, "the committed results are a quick run"
-    workloads = {r["workload"] for r in saved["rows"]}
-    assert workloads == set(bench.WORKLOADS), "the committed results miss a workload"
-    rows = json.loads((RESULTS / "rows.json").read_text())
-    assert rows["meta"]["quick"] is False and {r["workload"] for r in rows["rows"]} == set(
-        bench.ROWS_WORKLOADS
-    )
+        saved = json.loads((RESULTS / f"{suite}.json").read_text())
+        assert saved["meta"]["quick"] is False, f"the committed {suite} results are a quick run"
+        workloads = {r["workload"] for r in saved["rows"]}
+        known = catalogue.ROW_WORKLOADS if suite == "rows" else catalogue.WORKLOADS
+        assert workloads == set(saved["meta"]["workloads"]) <= set(known), (
+            f"the {suite} results miss a workload"
+        )
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "benchmarks").glob("bench_*.py")), ids=lambda p: p.name)
+def test_every_script_says_how_to_run_it(script: Path) -> None:
+    doc = ast.get_docstring(ast.parse(script.read_text())) or ""
+    assert "Usage:" in doc and f"python benchmarks/{script.name}" in doc
