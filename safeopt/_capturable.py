@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from safeopt import _device, _rule
-from safeopt._rows import ROWS
-from safeopt._torch_compat import allocate_state, skips_by_found_inf
+from safeopt._row_rule import ROWS
+from safeopt._torch_compat import MOMENTUM_BUFFER, allocate_state, skips_by_found_inf
 
 __all__ = ["capturing", "plan", "step"]
 
@@ -110,7 +110,7 @@ def _check_started(
         if group["momentum"] == 0:
             continue
         for p in entry.flagged:
-            if optimizer.state.get(p, {}).get("momentum_buffer") is None:
+            if optimizer.state.get(p, {}).get(MOMENTUM_BUFFER) is None:
                 raise RuntimeError(
                     f"safeopt cannot capture this step in a CUDA graph: a parameter of param group {i} "
                     "has no momentum buffer yet. Take warm-up steps before capture in which every "

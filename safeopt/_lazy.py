@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 import torch
 
-from safeopt import _capturable, _rows, _rule
+from safeopt import _capturable, _row_rule, _rows, _rule
 from safeopt._freeze import FreezeAPI
-from safeopt._torch_compat import batches, unhooked, writes_into_grads
+from safeopt._torch_compat import STEP, batches, unhooked, writes_into_grads
 
 __all__ = ["LazyOptimizer", "add_group", "lazy_step", "load_state"]
 
@@ -67,7 +67,7 @@ def lazy_step(
             )
     by_rows = _rows.RowSteps()
     buckets: list[list[torch.Tensor]] = [[] for _ in groups]
-    rows = any(group[_rule.LAZY] == _rows.ROWS for group in groups)
+    rows = any(group[_rule.LAZY] == _row_rule.ROWS for group in groups)
     if rows:
         buckets = by_rows.prepare(optimizer, groups, plans)  # lazy="rows": views or gathered rows
 
@@ -178,7 +178,7 @@ def load_state(
         _rule.fill_flags(group, optimizer.defaults)
         for p in group["params"]:
             state = optimizer.state.get(p)
-            if id(p) not in had_state and state and "step" in state and float(state["step"]) == 0:
+            if id(p) not in had_state and state and STEP in state and float(state[STEP]) == 0:
                 # Fresh state that no step touched: what safeopt allocates for an idle
                 # parameter. torch's load casts its scalars (NAdam's mu_product, ASGD's eta)
                 # to the parameter's dtype, while torch, having stepped only the active

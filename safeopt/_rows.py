@@ -25,7 +25,6 @@ steps above run on them. torch never sees the sparse grad.
 from __future__ import annotations
 
 import itertools
-import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -33,138 +32,12 @@ import torch
 from torch import Tensor
 
 from safeopt import _torch_compat
-from safeopt._torch_compat import writes_into_grads
+from safeopt._row_rule import ROWS
+from safeopt._torch_compat import MOMENTUM_BUFFER, STEP, writes_into_grads
 
-__all__ = [
-    "ROWS",
-    "ROW_STEP",
-    "RowSteps",
-    "active_rows",
-    "allocate_state",
-    "check",
-    "restore_counts",
-    "touched_rows",
-]
+__all__ = ["ROW_STEP", "RowSteps", "allocate_state", "check", "restore_counts"]
 
-ROWS = "rows"  # the value of a group's "lazy" key that selects row-level skipping
 ROW_STEP = "row_step"  # per-row step counts, next to torch's own state keys
-
-# A floating element is nonzero exactly when a bit other than its sign bit is set. On a
-# little-endian machine the sign bit is the top bit of an element's last byte.
-_SIGN_BYTE = 0x80
-_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-_MAGNITUDE = {2: 0x7FFF, 4: 0x7FFF_FFFF, 8: 0x7FFF_FFFF_FFFF_FFFF}
-
-
-def _by_rows(grad: Tensor) -> Tensor:
-    """``grad`` as a real ``[rows, elements]`` tensor with unit stride along a row (a copy only
-    when the grad's rows are not laid out that way)."""
-    g = torch.view_as_real(grad) if grad.is_complex() else grad
-    flat = g.reshape(g.shape[0], -1)
-    return flat if flat.stride(1) == 1 else flat.contiguous()
-
-
-def _nonzero_rows(rows: Tensor) -> Tensor:
-    """Which rows of a real ``[n, k]`` tensor have an element with a bit other than the sign bit set."""
-    size = rows.element_size()
-    if size not in _INT_OF_SIZE:
-        return rows.ne(0).any(1)
-    return rows.view(_INT_OF_SIZE[size]).bitwise_and(_MAGNITUDE[size]).ne(0).any(1)
-
-
-# Rows at least this long (in bytes) are first judged by their first element alone: reading one
-# element a row touches at most 1/16 of the grad's cache lines.
-_WIDE_ROW_BYTES = 1024
-
-
-def active_rows(grad: Tensor) -> Tensor:
-    """Ascending int64 indices of the rows of ``grad`` (slices along dim 0) with a nonzero element.
-
-    An element is nonzero when a bit other than its sign bit is set: ``-0.0`` is zero; NaN, inf
-    and subnormals are not (whatever ``torch.set_flush_denormal`` says). The grad is read once:
-    the largest *byte* of each row (``amax`` over a ``uint8`` view, one pass at memory speed, no
-    temporary the size of the grad). A row whose largest byte is 0 is all ``+0.0``; one whose
-    largest byte is neither 0 nor 0x80 has a nonzero element. Only rows whose largest byte is
-    0x80 (``-0.0``, or rarer mantissa bytes) are looked at again, element by element.
-
-    Rows of 1 KB or more are first judged by their first element: a nonzero one settles the row
-    without reading the rest, so a grad whose rows are all active costs a read of one element a
-    row. The rows it leaves open are read in full as above.
-    """
-    if not grad.numel():
-        return torch.zeros(0, dtype=torch.long, device=grad.device)
-    flat = _by_rows(grad)
-    if flat.shape[1] * flat.element_size() >= _WIDE_ROW_BYTES:
-        # Wide rows (grouped experts, large embedding widths): a row whose first element is
-        # nonzero is active without reading the rest. Rows left open are read in full, gathered
-        # when they are few, else by the whole-grad pass below.
-        known = _nonzero_rows(flat[:, :1])
-        open_rows = flat.shape[0] - int(known.sum())
-        if not open_rows:
-            return torch.arange(flat.shape[0], device=grad.device)
-        if 2 * open_rows <= flat.shape[0]:
-            unknown = (~known).nonzero().squeeze(1)
-            known[unknown[_rows_of(flat.index_select(0, unknown))]] = True
-            return known.nonzero().squeeze(1)
-    return _rows_of(flat)
-
-
-def _rows_of(flat: Tensor) -> Tensor:
-    """``active_rows`` of a real ``[rows, elements]`` tensor with unit stride along a row."""
-    if sys.byteorder != "little":
-        return _nonzero_rows(flat).nonzero().squeeze(1)
-    top = flat.view(torch.uint8).amax(1)
-    candidates = top.nonzero().squeeze(1)
-    unsure = top.index_select(0, candidates) == _SIGN_BYTE
-    if not bool(unsure.any()):
-        return candidates
-    keep = ~unsure
-    keep[unsure] = _nonzero_rows(flat.index_select(0, candidates[unsure]))
-    return candidates[keep]
-
-
-def touched_rows(grad: Tensor) -> tuple[Tensor, Tensor | None]:
-    """The active rows of a grad of two or more dimensions, and for a sparse COO grad those rows
-    of ``grad.coalesce().to_dense()`` (None for a dense grad, whose rows are read in place).
-
-    A sparse grad is densified on the rows it names only: ``coalesce()`` sums duplicate indices
-    (in the order the densified oracle sums them, which for a row repeated many times is not the
-    grad's own order); the densified grad holds ``0 + v`` for each real coalesced value ``v``, so
-    ``-0.0`` becomes ``+0.0`` there, and so it does here (complex values go through ``to_dense()``
-    itself, on these rows only). ``active_rows`` of those rows then
-    decides: a named row whose entries sum to zero is idle. Cost: the rows named, never the table.
-    """
-    if grad.layout is not torch.sparse_coo:
-        return active_rows(grad), None
-    sparse = grad.coalesce()
-    indices, values = sparse.indices(), sparse.values()
-    if sparse.sparse_dim() != 1:  # every dimension sparse (values are elements), or none
-        if not sparse.sparse_dim():
-            dense = sparse.to_dense()
-            rows = active_rows(dense)
-            return rows, dense.index_select(0, rows)
-        named, inverse = torch.unique_consecutive(indices[0], return_inverse=True)
-        local = torch.cat([inverse.unsqueeze(0), indices[1:]])
-        shape = (named.numel(), *grad.shape[1:])
-        dense = torch.sparse_coo_tensor(
-            local, values, shape, is_coalesced=True, check_invariants=False
-        ).to_dense()
-        keep = active_rows(dense)
-        if keep.numel() != named.numel():
-            named, dense = named.index_select(0, keep), dense.index_select(0, keep)
-        return named, dense
-    named = indices[0]
-    keep = active_rows(values)  # -0.0 is zero to the check, NaN and inf are not, as densified
-    if keep.numel() != named.numel():
-        named, values = named.index_select(0, keep), values.index_select(0, keep)
-    if values.is_complex():
-        # to_dense() multiplies by a complex 1 (a NaN part makes both parts NaN): let it do so
-        local = torch.arange(named.numel(), device=grad.device).unsqueeze(0)
-        values = torch.sparse_coo_tensor(
-            local, values, values.shape, is_coalesced=True, check_invariants=False
-        ).to_dense()
-        return named, values
-    return named, values.add(0).contiguous()  # what to_dense() makes of a real value: 0 + v
 
 
 def allocate_state(optimizer: torch.optim.Optimizer, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -339,14 +212,14 @@ class RowSteps:
             if counts is None:
                 # Until now every row took part in every step of the tensor. SGD keeps no step
                 # count: there only "started" (a momentum buffer exists) matters, counted as 1.
-                start = float(state["step"]) if not sgd else float("momentum_buffer" in state)
+                start = float(state[STEP]) if not sgd else float(MOMENTUM_BUFFER in state)
                 counts = state[ROW_STEP] = torch.full(
                     (p.shape[0],), start, dtype=torch.float32, device=p.device
                 )
                 created.append(ROW_STEP)
-            if sgd and "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                created.append("momentum_buffer")
+            if sgd and MOMENTUM_BUFFER not in state:
+                state[MOMENTUM_BUFFER] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                created.append(MOMENTUM_BUFFER)
             counts = counts.index_select(0, rows)
             key = counts.clamp(max=1) if sgd else counts  # SGD: first step or not
             lo, hi = torch.stack(torch.aminmax(key)).tolist()
@@ -380,8 +253,8 @@ class RowSteps:
         for b, (shadow_grad, (count, _)) in enumerate(zip(gathered.split(sizes), buckets)):
             shadows[b].grad = shadow_grad
             shadow_state = {}
-            if "step" in state:
-                shadow_state["step"] = torch.full_like(state["step"], count)
+            if STEP in state:
+                shadow_state[STEP] = torch.full_like(state[STEP], count)
             if not (sgd and count == 0):  # a row's first SGD step makes its buffer from its grad
                 shadow_state.update((k, parts[k][b]) for k in keys)
             shadow_states.append(shadow_state)
@@ -418,8 +291,8 @@ class RowSteps:
         for shadow, shadow_grad, (start, stop, count) in zip(shadows, grads, runs):
             shadow.grad = shadow_grad
             shadow_state = {}
-            if "step" in state:
-                shadow_state["step"] = torch.full_like(state["step"], count)
+            if STEP in state:
+                shadow_state[STEP] = torch.full_like(state[STEP], count)
             if not (sgd and count == 0):
                 shadow_state.update((k, state[k][start:stop]) for k in keys)
             shadow_states.append(shadow_state)
@@ -472,11 +345,11 @@ class RowSteps:
             _copy_rows(job.param, job.rows, job.compact[""])
         if job.counts is None:
             return
-        if "step" in first:
+        if STEP in first:
             # torch's step advanced each bucket's step by one (by none where a fused kernel found
             # an inf under GradScaler); the tensor's step counts steps with any row active.
-            advanced = first["step"] - (job.runs[0][2] if job.runs else job.buckets[0][0])
-            state["step"].add_(advanced)
+            advanced = first[STEP] - (job.runs[0][2] if job.runs else job.buckets[0][0])
+            state[STEP].add_(advanced)
             advanced = advanced.to(job.counts.device, torch.float32)
         else:
             advanced = 1
@@ -509,11 +382,5 @@ def _copy_rows(dst: Tensor, rows: Tensor, src: Tensor) -> None:
 
 
 def restore_counts(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
-    """Undo torch's load casting ``row_step`` to the parameter's dtype (a bfloat16 count stops at 256)."""
-    saved_ids = [i for group in state_dict.get("param_groups", []) for i in group.get("params", [])]
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    saved_state = state_dict.get("state", {})
-    for saved_id, p in zip(saved_ids, params):
-        saved = saved_state.get(saved_id)
-        if saved and ROW_STEP in saved and ROW_STEP in optimizer.state.get(p, ()):
-            optimizer.state[p][ROW_STEP] = saved[ROW_STEP].to(dtype=torch.float32, device=p.device)
+    """Undo torch's load casting ``row_step`` to the parameter's dtype."""
+    _torch_compat.saved_as_is(optimizer, state_dict, ROW_STEP, torch.float32)

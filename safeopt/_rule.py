@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from safeopt import _device
-from safeopt._rows import ROWS, touched_rows
+from safeopt._row_rule import ROWS, touched_rows
 
 __all__ = [
     "FLAG_KEYS",

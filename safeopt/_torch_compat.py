@@ -1,8 +1,10 @@
 """The places where safeopt leans on torch.optim internals.
 
-Everything else in safeopt uses public API only. Both seams are small and are
-checked by ``tests/test_torch_compat.py``; each falls back to documented
-behaviour when a torch release changes it.
+Everything else in safeopt uses public API only: the names of torch's instance attributes and
+state keys, the signatures of private helpers, the hook wrapper, the fused kernels' ``found_inf``
+and the casts of ``load_state_dict`` are all named here, and each has a canary in
+``tests/test_torch_compat.py`` that fails, naming the torch version, when a release changes it.
+Where one can, a seam falls back to documented behaviour.
 """
 
 from __future__ import annotations
@@ -13,7 +15,63 @@ from typing import Any
 
 import torch
 
-__all__ = ["allocate_state", "batches", "skips_by_found_inf", "unhooked", "writes_into_grads"]
+__all__ = [
+    "HOOK_DICTS",
+    "INSTANCE_ATTRS",
+    "MOMENTUM_BUFFER",
+    "STEP",
+    "allocate_state",
+    "batches",
+    "saved_as_is",
+    "skips_by_found_inf",
+    "unhooked",
+    "writes_into_grads",
+]
+
+#: What ``Optimizer.__init__`` (and ``GradScaler`` after it) keep on an optimizer instance: its
+#: groups, state and defaults, torch's per-instance hook dicts, and the attributes through which
+#: ``GradScaler`` hands a fused step its scale and inf flag. ``wrap()`` makes its wrapper share
+#: every one of them with the optimizer it wraps.
+HOOK_DICTS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+INSTANCE_ATTRS = (
+    "param_groups",
+    "state",
+    "defaults",
+    *HOOK_DICTS,
+    "_step_supports_amp_scaling",
+    "grad_scale",
+    "found_inf",
+)
+
+#: State keys of torch's Adam, AdamW and SGD that safeopt reads: the per-parameter step count
+#: (Adam, AdamW) and the momentum buffer (SGD; absent until a parameter's first step).
+STEP = "step"
+MOMENTUM_BUFFER = "momentum_buffer"
+
+
+def saved_as_is(
+    optimizer: torch.optim.Optimizer, state_dict: dict[str, Any], key: str, dtype: torch.dtype
+) -> None:
+    """Put ``key`` of each parameter's loaded state back as it was saved, in ``dtype``.
+
+    ``Optimizer.load_state_dict`` casts every floating state tensor except ``step`` to its
+    parameter's dtype (``_process_value_according_to_param_policy``): right for moments, wrong
+    for a count kept beside them (a bfloat16 count stops at 256).
+    """
+    saved_ids = [i for group in state_dict.get("param_groups", []) for i in group.get("params", [])]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_state = state_dict.get("state", {})
+    for saved_id, p in zip(saved_ids, params):
+        saved = saved_state.get(saved_id)
+        if saved and key in saved and key in optimizer.state.get(p, ()):
+            optimizer.state[p][key] = saved[key].to(dtype=dtype, device=p.device)
 
 
 def unhooked(step: Callable[..., Any]) -> Callable[..., Any]:

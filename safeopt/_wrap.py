@@ -13,31 +13,17 @@ from safeopt import _rows, _rule
 from safeopt._doc import RULE
 from safeopt._freeze import FreezeAPI
 from safeopt._lazy import LazyOptimizer, add_group, lazy_step, load_state
-from safeopt._torch_compat import unhooked
+from safeopt._torch_compat import HOOK_DICTS, INSTANCE_ATTRS, unhooked
 
 __all__ = ["LazyWrapper", "wrap"]
 
 # What Optimizer.__init__ sets on an instance; an optimizer without them never called it.
-_SET_BY_INIT = ("param_groups", "state", "defaults", "_optimizer_step_pre_hooks")
+_SET_BY_INIT = ("param_groups", "state", "defaults", HOOK_DICTS[0])
 
-# Attributes that live on the wrapped optimizer, so that the wrapper and the
-# optimizer it wraps are one optimizer: an LR scheduler changing the wrapper's
-# lr changes the inner one's, hooks registered on either run once per step, and
+# The wrapper and the optimizer it wraps are one optimizer: an LR scheduler changing the
+# wrapper's lr changes the inner one's, hooks registered on either run once per step, and
 # GradScaler's fused-step attributes reach the kernels that read them.
-_SHARED = (
-    "param_groups",
-    "state",
-    "defaults",
-    "_optimizer_step_pre_hooks",
-    "_optimizer_step_post_hooks",
-    "_optimizer_state_dict_pre_hooks",
-    "_optimizer_state_dict_post_hooks",
-    "_optimizer_load_state_dict_pre_hooks",
-    "_optimizer_load_state_dict_post_hooks",
-    "_step_supports_amp_scaling",
-    "grad_scale",
-    "found_inf",
-)
+_SHARED = INSTANCE_ATTRS
 
 
 def _shared(name: str) -> property:

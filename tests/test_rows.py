@@ -30,7 +30,8 @@ import cases
 import harness
 import safeopt
 from safeopt import _rows
-from safeopt._rows import ROW_STEP, active_rows
+from safeopt._row_rule import active_rows
+from safeopt._rows import ROW_STEP
 
 # -- the row check -------------------------------------------------------------------------------
 

@@ -32,17 +32,8 @@ import safeopt
 from safeopt import _rows
 from safeopt._rows import ROW_STEP
 
-CONFIGS: list[tuple[type, dict[str, Any]]] = [
-    (torch.optim.Adam, {}),
-    (torch.optim.Adam, {"amsgrad": True, "weight_decay": 0.1}),
-    (torch.optim.Adam, {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}),
-    (torch.optim.AdamW, {"amsgrad": True, "maximize": True}),
-    (torch.optim.SGD, {}),
-    (torch.optim.SGD, {"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.1}),
-    (torch.optim.SGD, {"momentum": 0.9, "nesterov": True, "maximize": True}),
-    (torch.optim.SGD, {"momentum": 0.5, "nesterov": True}),  # torch's foreach step writes into grads
-]
-IMPLS = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+# The configurations, implementations and dtypes of the row-lazy tests (tests/cases.py).
+IMPLS = cases.ROW_IMPLS
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64)
 # Table shapes: embeddings, 3-d rows, width-1 and width-0 rows, one row.
 SHAPES = ((6, 3), (4, 2, 2), (5, 1), (3, 0), (1, 4), (8, 2))
@@ -130,7 +121,7 @@ def test_sparse_rows_are_the_densified_step_bit_for_bit(data: Any) -> None:
 
 
 def _sparse_property(data: Any) -> None:
-    torch_cls, kwargs = data.draw(st.sampled_from(CONFIGS), label="config")
+    torch_cls, kwargs = data.draw(st.sampled_from(cases.row_configs()), label="config")
     impl = data.draw(st.sampled_from(sorted(IMPLS)), label="impl")
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     if cases.rows_unsupported(torch_cls, impl, dtype):
@@ -316,12 +307,14 @@ class _TableOps(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("config", cases.ROW_CONFIGS, ids=str)
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 def test_a_step_costs_the_rows_touched(config: tuple[type, dict[str, Any]], impl: str) -> None:
     """Once the table's state exists, no operator of a step allocates or reads anything the size
     of the table: only gathers and scatters of the rows the grad names touch it."""
     torch_cls, kwargs = config
+    if reason := cases.torch_lacks(torch_cls, kwargs):
+        pytest.skip(reason)
     n, width = 20_000, 4
     table = nn.Parameter(torch.randn(n, width))
     opt = cases.TWINS[torch_cls]([table], lr=0.1, **kwargs, **IMPLS[impl], lazy="rows")

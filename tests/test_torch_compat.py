@@ -18,9 +18,14 @@ import harness
 import safeopt
 from safeopt._torch_compat import (
     _GROUP_OPTION_ARGS,
+    HOOK_DICTS,
+    INSTANCE_ATTRS,
+    MOMENTUM_BUFFER,
+    STEP,
     _init_group_outputs,
     allocate_state,
     batches,
+    saved_as_is,
     skips_by_found_inf,
     unhooked,
     writes_into_grads,
@@ -186,3 +191,53 @@ def test_fused_step_skips_a_call_whose_found_inf_is_one(name: str) -> None:
     plain, zero = stepped(None), stepped(0.0)
     assert harness.bit_equal(plain[0], zero[0]), f"torch {TORCH}: {name} with found_inf=0 differs"
     harness.assert_state_equal(zero[1], plain[1], f"torch {TORCH}: {name} state with found_inf=0")
+
+
+def test_the_instance_attributes_wrap_shares_are_the_ones_torch_keeps() -> None:
+    """wrap() shares INSTANCE_ATTRS with the optimizer it wraps: a hook dict torch adds (or
+    renames) would stay on the wrapper alone, and hooks registered there would not run."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.Adam([p], fused=True)
+    kept = set(vars(opt))
+    assert {k for k in kept if k.startswith("_optimizer_")} == set(HOOK_DICTS), f"torch {TORCH}"
+    assert {"param_groups", "state", "defaults", "_step_supports_amp_scaling"} <= kept, f"torch {TORCH}"
+    assert set(INSTANCE_ATTRS) - kept == {"grad_scale", "found_inf"}, f"torch {TORCH}"
+    seen: dict[str, bool] = {}
+    real = opt.step
+
+    def step(*args: object, **kwargs: object) -> object:
+        seen.update((name, name in vars(opt)) for name in ("grad_scale", "found_inf"))
+        return real(*args, **kwargs)
+
+    opt.step = step  # type: ignore[method-assign]
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale((p * 2).sum()).backward()
+    scaler.step(opt)
+    assert seen == {"grad_scale": True, "found_inf": True}, f"torch {TORCH}: GradScaler sets {seen}"
+
+
+@pytest.mark.parametrize("torch_cls", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD])
+def test_the_state_keys_safeopt_reads(torch_cls: type) -> None:
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch_cls([p], lr=0.1, **({"momentum": 0.9} if torch_cls is torch.optim.SGD else {}))
+    p.grad = torch.ones(2)
+    opt.step()
+    if torch_cls is torch.optim.SGD:
+        assert set(opt.state[p]) == {MOMENTUM_BUFFER}, f"torch {TORCH}: {sorted(opt.state[p])}"
+    else:
+        assert STEP in opt.state[p] and torch.is_tensor(opt.state[p][STEP]), f"torch {TORCH}"
+        assert float(opt.state[p][STEP]) == 1
+
+
+def test_load_casts_extra_state_to_the_parameter_dtype_and_saved_as_is_undoes_it() -> None:
+    p = torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))
+    opt = torch.optim.Adam([p])
+    p.grad = torch.ones_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    count = torch.tensor([257.0, 1.0])  # 257 has no bfloat16
+    saved["state"][0]["count"] = count
+    opt.load_state_dict(saved)
+    assert opt.state[p]["count"].dtype == torch.bfloat16, f"torch {TORCH} no longer casts on load"
+    saved_as_is(opt, saved, "count", torch.float32)
+    assert harness.bit_equal(opt.state[p]["count"], count)
