@@ -69,7 +69,7 @@ def lazy_step(
     buckets: list[list[torch.Tensor]] = [[] for _ in groups]
     rows = any(group[_rule.LAZY] == _row_rule.ROWS for group in groups)
     if rows:
-        buckets = by_rows.prepare(optimizer, groups, plans)  # lazy="rows": views or gathered rows
+        plans, buckets = by_rows.prepare(optimizer, groups, plans)  # lazy="rows": views or gathered rows
 
     guarded: list[tuple[torch.Tensor, torch.Tensor]] = [
         (p, p.grad)  # type: ignore[misc]  # every active parameter has a grad

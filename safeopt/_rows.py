@@ -33,6 +33,7 @@ from torch import Tensor
 
 from safeopt import _torch_compat
 from safeopt._row_rule import ROWS
+from safeopt._rule import GroupPlan
 from safeopt._torch_compat import MOMENTUM_BUFFER, STEP, writes_into_grads
 
 __all__ = ["ROW_STEP", "RowSteps", "allocate_state", "check", "restore_counts"]
@@ -128,7 +129,7 @@ class RowSteps:
     def __init__(self) -> None:
         self.jobs: list[_Job] = []
         self._state: Any = None
-        self._grads: list[tuple[Tensor, Tensor]] = []  # (param, the user's sparse grad) while densified
+        self._grads: list[tuple[Tensor, Tensor | None]] = []  # (param, the user's sparse grad) while densified
 
     @property
     def pending(self) -> bool:
@@ -136,9 +137,10 @@ class RowSteps:
         return bool(self.jobs or self._grads)
 
     def prepare(
-        self, optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]], plans: Sequence[Any]
-    ) -> list[list[Tensor]]:
-        """Gather the active rows of every row-stepped parameter; return each group's buckets.
+        self, optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]], plans: Sequence[GroupPlan]
+    ) -> tuple[list[GroupPlan], list[list[Tensor]]]:
+        """Gather the active rows of every row-stepped parameter. Returns the plans as the step
+        carries them out (the given ones are not changed) and each group's buckets.
 
         A parameter whose rows are all active goes through torch's step whole, unless its rows
         already have different step counts (``row_step``): then it is stepped by rows as well.
@@ -146,6 +148,7 @@ class RowSteps:
         densified grad (``touched_rows``): the parameter then goes the way a dense grad would.
         """
         self._state = optimizer.state
+        out_plans: list[GroupPlan] = []
         out: list[list[Tensor]] = []
         try:
             with torch.no_grad():
@@ -153,15 +156,17 @@ class RowSteps:
                     shadows: list[Tensor] = []
                     out.append(shadows)
                     if group.get("lazy") != ROWS:
+                        out_plans.append(plan)
                         continue
-                    self._densify_whole(group, plan)
-                    whole = [p for p in plan.active if p.dim() > 1 and ROW_STEP in optimizer.state.get(p, ())]
-                    if whole:
-                        ids = {id(p) for p in whole}
-                        plan.active[:] = [p for p in plan.active if id(p) not in ids]
-                        plan.rows.extend((p, torch.arange(p.shape[0], device=p.device), None) for p in whole)
-                    for p, rows, grad_rows in plan.rows:
-                        job, shadow_states = self._prepare(optimizer, group, p, rows, grad_rows)
+                    active, rows = self._densify_whole(group, plan)
+                    whole = {id(p) for p in active if p.dim() > 1 and ROW_STEP in optimizer.state.get(p, ())}
+                    rows += [
+                        (p, torch.arange(p.shape[0], device=p.device), None) for p in active if id(p) in whole
+                    ]
+                    active = [p for p in active if id(p) not in whole]
+                    out_plans.append(plan._replace(active=active, rows=rows))
+                    for p, row_ids, grad_rows in rows:
+                        job, shadow_states = self._prepare(optimizer, group, p, row_ids, grad_rows)
                         self.jobs.append(job)
                         for shadow, shadow_state in zip(job.shadows, shadow_states):
                             optimizer.state[shadow] = shadow_state
@@ -169,26 +174,28 @@ class RowSteps:
         except BaseException:
             self.finish(stepped=False)
             raise
-        return out
+        return out_plans, out
 
-    def _densify_whole(self, group: dict[str, Any], plan: Any) -> None:
-        """Sparse grads naming every row (with a nonzero sum each): the parameter joins the
-        group's whole parameters, its grad the densified one until ``finish``."""
+    def _densify_whole(
+        self, group: dict[str, Any], plan: GroupPlan
+    ) -> tuple[list[Tensor], list[tuple[Tensor, Tensor, Tensor | None]]]:
+        """The plan's active parameters and row entries once sparse grads naming every row (with
+        a nonzero sum each) are whole: such a parameter joins the active ones, in group order,
+        its grad the densified one until ``finish``."""
         whole = [
             (p, grad_rows)
             for p, rows, grad_rows in plan.rows
             if grad_rows is not None and rows.numel() == p.shape[0]
         ]
         if not whole:
-            return
+            return list(plan.active), list(plan.rows)
         ids = {id(p) for p, _ in whole}
-        plan.rows[:] = [entry for entry in plan.rows if id(entry[0]) not in ids]
         for p, grad_rows in whole:
             self._grads.append((p, p.grad))
             p.grad = grad_rows  # every row, in order: the densified grad itself
         order = {id(p): i for i, p in enumerate(group["params"])}
-        plan.active.extend(p for p, _ in whole)
-        plan.active.sort(key=lambda p: order[id(p)])  # group order, as torch would visit them
+        active = sorted([*plan.active, *(p for p, _ in whole)], key=lambda p: order[id(p)])
+        return active, [entry for entry in plan.rows if id(entry[0]) not in ids]
 
     def _prepare(
         self,
