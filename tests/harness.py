@@ -7,8 +7,9 @@ safeopt step equals a torch step on only the active parameters.
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -225,3 +226,19 @@ def assert_matches_reference(
             assert_state_equal(mine, ref, f"{what} param {i}")
         else:  # torch never stepped it; safeopt may hold torch's fresh allocation
             assert_fresh(mine, params[i], f"{what} param {i}")
+
+
+@contextlib.contextmanager
+def rows_stepped_either_way(data: Any) -> Iterator[None]:
+    """Draw how ``lazy="rows"`` steps rows for the rest of the example: in place (views of the
+    parameter, as for a few long runs of rows) or gathered into buckets."""
+    from hypothesis import strategies as st
+
+    from safeopt import _rows
+
+    in_place = data.draw(st.booleans(), label="rows stepped in place when they can be")
+    saved, _rows._RUN_BYTES = _rows._RUN_BYTES, (1 if in_place else 2**62)
+    try:
+        yield
+    finally:
+        _rows._RUN_BYTES = saved

@@ -226,13 +226,9 @@ def _row_grad(shape: tuple[int, ...], dtype: torch.dtype, kinds: list[str], gen:
 @settings(parent=settings.default)
 @given(data=st.data())
 def test_rows_property(data: Any) -> None:
-    # Both ways of stepping rows: in place (views of the parameter, a few runs of rows) and gathered.
-    in_place = data.draw(st.booleans(), label="rows stepped in place when they can be")
-    saved, _rows._RUN_BYTES = _rows._RUN_BYTES, (1 if in_place else 2**62)
-    try:
+    # Both ways of stepping rows: in place (views of the parameter) and gathered.
+    with harness.rows_stepped_either_way(data):
         _rows_property(data)
-    finally:
-        _rows._RUN_BYTES = saved
 
 
 def _rows_property(data: Any) -> None:

@@ -112,12 +112,9 @@ def make_sparse(
 @settings(parent=settings.default)
 @given(data=st.data())
 def test_sparse_rows_are_the_densified_step_bit_for_bit(data: Any) -> None:
-    in_place = data.draw(st.booleans(), label="rows stepped in place when they can be")
-    saved, _rows._RUN_BYTES = _rows._RUN_BYTES, (1 if in_place else 2**62)
-    try:
+    # Both ways of stepping rows: in place (views of the parameter) and gathered.
+    with harness.rows_stepped_either_way(data):
         _sparse_property(data)
-    finally:
-        _rows._RUN_BYTES = saved
 
 
 def _sparse_property(data: Any) -> None:
