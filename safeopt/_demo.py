@@ -1,6 +1,6 @@
 """``python -m safeopt demo``: the scenarios of ``safeopt/_scenarios.py`` as a table and a plot.
 
-The plot needs matplotlib (``pip install "safeopt[demo]"``); without it the table is printed and
+The plot needs matplotlib (``pip install "torch-safeopt[demo]"``); without it the table is printed and
 the plot skipped, with a note.
 """
 
@@ -91,7 +91,7 @@ def demo(out: Path | None = Path("safeopt-demo.png")) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             print(
-                '\nplot skipped: matplotlib is not installed (pip install "safeopt[demo]" or pip install matplotlib)'
+                '\nplot skipped: matplotlib is not installed (pip install "torch-safeopt[demo]" or pip install matplotlib)'
             )
         else:
             plot(results, out)

@@ -25,7 +25,7 @@ HOLDS = compat_matrix.HOLDS
 def _missing(entry: compat_matrix.Entry) -> str | None:
     module = entry.name.rsplit(".", 1)[0].split(".")[0]
     if importlib.util.find_spec(module) is None:
-        return f"{entry.package} is not installed (pip install safeopt[compat])"
+        return f"{entry.package} is not installed (pip install torch-safeopt[compat])"
     return None
 
 
