@@ -108,12 +108,10 @@ def lazy_step(
                     if id(p) in stepping and p.grad is None:
                         p.grad = grad
             else:
-                stepping = {id(p) for plan in plans for p in plan.active}
-                hidden = (
-                    [p for params in all_params for p in params if id(p) not in stepping]
-                    if pass_closure
-                    else []
-                )
+                hidden = []
+                if pass_closure:
+                    stepping = {id(p) for plan in plans for p in plan.active}
+                    hidden = [p for params in all_params for p in params if id(p) not in stepping]
                 for group, batch in zip(groups, rounds):
                     group["params"] = batch[r] if r < len(batch) else []
             for p in hidden:
