@@ -123,13 +123,71 @@ def _runs(
     return runs
 
 
+def _ensure_state(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], p: Tensor, sgd: bool, counted: bool
+) -> list[str]:
+    """Make the state a row step reads: torch's own (as torch allocates it), ``row_step`` and an
+    SGD momentum buffer. Returns what it made ("" for the whole state), to undo on failure."""
+    created: list[str] = []
+    if not optimizer.state.get(p):
+        allocate_state(optimizer, group, [p])  # Adam: zero moments, step 0, as torch makes them
+        created.append("")
+    state = optimizer.state[p]
+    if counted and ROW_STEP not in state:
+        # Until now every row took part in every step of the tensor. SGD keeps no step count:
+        # there only "started" (a momentum buffer exists) matters, counted as 1.
+        start = float(state[STEP]) if not sgd else float(MOMENTUM_BUFFER in state)
+        state[ROW_STEP] = torch.full((p.shape[0],), start, dtype=torch.float32, device=p.device)
+        created.append(ROW_STEP)
+    if counted and sgd and MOMENTUM_BUFFER not in state:
+        state[MOMENTUM_BUFFER] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        created.append(MOMENTUM_BUFFER)
+    return created
+
+
+def _buckets(
+    row_step: Tensor, rows: Tensor, grad_rows: Tensor | None, sgd: bool
+) -> tuple[Tensor, Tensor, Tensor | None, list[tuple[float, int]]]:
+    """``rows`` (and ``grad_rows``) ordered by step count, their counts, and the buckets
+    ``(count, how many rows)``. For SGD only "started or not" matters."""
+    counts = row_step.index_select(0, rows)
+    key = counts.clamp(max=1) if sgd else counts
+    lo, hi = torch.stack(torch.aminmax(key)).tolist()
+    if lo == hi:
+        return rows, counts, grad_rows, [(lo, rows.numel())]
+    key, order = torch.sort(key, stable=True)
+    rows, counts = rows.index_select(0, order), counts.index_select(0, order)
+    if grad_rows is not None:
+        grad_rows = grad_rows.index_select(0, order)
+    values, sizes = torch.unique_consecutive(key, return_counts=True)
+    return rows, counts, grad_rows, list(zip(values.tolist(), sizes.tolist()))
+
+
+def _shadow_states(
+    state: dict[str, Any], parts: dict[str, list[Tensor]], counts: list[float], sgd: bool
+) -> list[dict[str, Tensor]]:
+    """The state torch finds for each shadow: its rows' step count and their per-element state
+    (none for rows taking their first SGD step: torch makes their buffer from their grad)."""
+    out = []
+    for b, count in enumerate(counts):
+        shadow_state = {}
+        if STEP in state:
+            shadow_state[STEP] = torch.full_like(state[STEP], count)
+        if not (sgd and count == 0):
+            shadow_state.update((k, parts[k][b]) for k in parts)
+        out.append(shadow_state)
+    return out
+
+
 class RowSteps:
     """The row path of one step: ``prepare`` puts the buckets into the optimizer, ``finish`` takes them out."""
 
     def __init__(self) -> None:
         self.jobs: list[_Job] = []
         self._state: Any = None
-        self._grads: list[tuple[Tensor, Tensor | None]] = []  # (param, the user's sparse grad) while densified
+        self._grads: list[
+            tuple[Tensor, Tensor | None]
+        ] = []  # (param, the user's sparse grad) while densified
 
     @property
     def pending(self) -> bool:
@@ -205,105 +263,44 @@ class RowSteps:
         rows: Tensor,
         grad_rows: Tensor | None,
     ) -> tuple[_Job, list[dict[str, Tensor]]]:
-        """``grad_rows``: the grad's rows ``rows`` (a sparse grad's, densified), or None to read
-        them from ``p.grad``."""
-        created: list[str] = []
-        if not optimizer.state.get(p):
-            allocate_state(optimizer, group, [p])  # Adam: zero moments, step 0, as torch makes them
-            created.append("")
-        state = optimizer.state[p]
+        """The job of one parameter and the state of each of its shadows. ``grad_rows``: the
+        grad's rows ``rows`` (a sparse grad's, densified), or None to read them from ``p.grad``."""
         sgd = isinstance(optimizer, torch.optim.SGD)
+        counted = not sgd or group["momentum"] != 0
+        created = _ensure_state(optimizer, group, p, sgd, counted)
+        state = optimizer.state[p]
         counts: Tensor | None = None
-        if not sgd or group["momentum"] != 0:
-            counts = state.get(ROW_STEP)
-            if counts is None:
-                # Until now every row took part in every step of the tensor. SGD keeps no step
-                # count: there only "started" (a momentum buffer exists) matters, counted as 1.
-                start = float(state[STEP]) if not sgd else float(MOMENTUM_BUFFER in state)
-                counts = state[ROW_STEP] = torch.full(
-                    (p.shape[0],), start, dtype=torch.float32, device=p.device
-                )
-                created.append(ROW_STEP)
-            if sgd and MOMENTUM_BUFFER not in state:
-                state[MOMENTUM_BUFFER] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                created.append(MOMENTUM_BUFFER)
-            counts = counts.index_select(0, rows)
-            key = counts.clamp(max=1) if sgd else counts  # SGD: first step or not
-            lo, hi = torch.stack(torch.aminmax(key)).tolist()
-            if lo != hi:
-                key, order = torch.sort(key, stable=True)
-                rows, counts = rows.index_select(0, order), counts.index_select(0, order)
-                if grad_rows is not None:
-                    grad_rows = grad_rows.index_select(0, order)
-                values, sizes = torch.unique_consecutive(key, return_counts=True)
-                buckets = list(zip(values.tolist(), sizes.tolist()))
-            else:
-                buckets = [(lo, rows.numel())]
-        else:
-            buckets = [(0.0, rows.numel())]
-
+        buckets = [(0.0, rows.numel())]
+        if counted:
+            rows, counts, grad_rows, buckets = _buckets(state[ROW_STEP], rows, grad_rows, sgd)
         keys = [k for k, v in state.items() if k != ROW_STEP and isinstance(v, Tensor) and v.shape == p.shape]
         grad: Tensor = p.grad if grad_rows is None else grad_rows  # type: ignore[assignment]
+        runs = None
         if all(t.is_contiguous() for t in (p, grad, *(state[k] for k in keys))):
             runs = _runs(rows, buckets, p.numel() // p.shape[0] * p.element_size())
-            if runs is not None:
-                return self._in_place(
-                    optimizer, group, p, rows, counts, keys, buckets, runs, sgd, grad_rows, created
-                )
-        compact = {"": p.index_select(0, rows)}
-        compact.update((k, state[k].index_select(0, rows)) for k in keys)
-        sizes = [n for _, n in buckets]
-        shadows = list(compact[""].split(sizes))
-        parts = {k: compact[k].split(sizes) for k in keys}
-        shadow_states: list[dict[str, Tensor]] = []
-        gathered = grad.index_select(0, rows) if grad_rows is None else grad_rows
-        for b, (shadow_grad, (count, _)) in enumerate(zip(gathered.split(sizes), buckets)):
-            shadows[b].grad = shadow_grad
-            shadow_state = {}
-            if STEP in state:
-                shadow_state[STEP] = torch.full_like(state[STEP], count)
-            if not (sgd and count == 0):  # a row's first SGD step makes its buffer from its grad
-                shadow_state.update((k, parts[k][b]) for k in keys)
-            shadow_states.append(shadow_state)
-        return _Job(p, rows, counts, keys, compact, buckets, shadows, [], created), shadow_states
-
-    def _in_place(
-        self,
-        optimizer: torch.optim.Optimizer,
-        group: dict[str, Any],
-        p: Tensor,
-        rows: Tensor,
-        counts: Tensor | None,
-        keys: list[str],
-        buckets: list[tuple[float, int]],
-        runs: list[tuple[int, int, float]],
-        sgd: bool,
-        grad_rows: Tensor | None,
-        created: list[str],
-    ) -> tuple[_Job, list[dict[str, Tensor]]]:
-        """Shadows that are views of ``p`` (and grads and state that are views of its own), one
-        per run: torch updates the rows where they are. A sparse grad's densified rows are in
-        the order of ``rows``, so each run's grad is a slice of them."""
-        state = optimizer.state[p]
-        shadows = [p.detach()[start:stop] for start, stop, _ in runs]
-        if grad_rows is None:
-            grad: Tensor = p.grad  # type: ignore[assignment]
-            copy_grads = writes_into_grads(
-                optimizer, group, shadows
-            )  # torch would write into the user's grad
-            grads = [grad[start:stop].clone() if copy_grads else grad[start:stop] for start, stop, _ in runs]
-        else:  # safeopt's own tensor: torch may write into it
-            grads = list(grad_rows.split([stop - start for start, stop, _ in runs]))
-        shadow_states: list[dict[str, Tensor]] = []
-        for shadow, shadow_grad, (start, stop, count) in zip(shadows, grads, runs):
+        compact: dict[str, Tensor] = {}
+        if runs is not None:  # views of the parameter, its grad and its state: stepped in place
+            spans = [(start, stop) for start, stop, _ in runs]
+            shadows = [p.detach()[start:stop] for start, stop in spans]
+            if grad_rows is None:  # the user's grad: copied where torch would write into it
+                copy = writes_into_grads(optimizer, group, shadows)
+                grads = [grad[a:b].clone() if copy else grad[a:b] for a, b in spans]
+            else:  # safeopt's own densified rows, in the order of ``rows``
+                grads = list(grad_rows.split([b - a for a, b in spans]))
+            parts = {k: [state[k][a:b] for a, b in spans] for k in keys}
+            shadow_counts = [count for _, _, count in runs]
+        else:  # gathered into compact tensors, one split per bucket
+            sizes = [n for _, n in buckets]
+            compact = {"": p.index_select(0, rows), **{k: state[k].index_select(0, rows) for k in keys}}
+            shadows = list(compact[""].split(sizes))
+            grads = list((grad.index_select(0, rows) if grad_rows is None else grad_rows).split(sizes))
+            parts = {k: list(compact[k].split(sizes)) for k in keys}
+            shadow_counts = [count for count, _ in buckets]
+        for shadow, shadow_grad in zip(shadows, grads):
             shadow.grad = shadow_grad
-            shadow_state = {}
-            if STEP in state:
-                shadow_state[STEP] = torch.full_like(state[STEP], count)
-            if not (sgd and count == 0):
-                shadow_state.update((k, state[k][start:stop]) for k in keys)
-            shadow_states.append(shadow_state)
-        return _Job(p, rows, counts, keys, {}, buckets, shadows, runs, created), shadow_states
+        states = _shadow_states(state, parts, shadow_counts, sgd)
+        job = _Job(p, rows, counts, keys, compact, buckets, shadows, runs or [], created)
+        return job, states
 
     def finish(self, stepped: bool) -> None:
         """Write the stepped rows back (when the step returned) and take the buckets out of the
