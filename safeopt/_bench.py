@@ -266,7 +266,7 @@ def _measure(
     if idle_by == "freeze":
         frozen = _idle_tensors(params, idle)
         if frozen:
-            mine.freeze([params[i] for i in sorted(frozen)])  # type: ignore[attr-defined]
+            mine.freeze([params[i] for i in sorted(frozen)])  # type: ignore[attr-defined]  # a safeopt optimizer or wrap()'s result: both have freeze()
     if label is None:
         label = f"{len(params)} tensors, {sum(p.numel() for p in params) / 1e6:.3g}M elements"
     steps = {"torch": _stepper(ref, params, grads), "safeopt": _stepper(mine, params, grads)}

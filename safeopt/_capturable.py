@@ -140,13 +140,13 @@ def step(optimizer: torch.optim.Optimizer, torch_step: Callable[[], Any], plans:
         for params, found_inf in calls:
             for group, listed in zip(groups, params):
                 group["params"] = listed
-            optimizer.found_inf = found_inf  # type: ignore[attr-defined]
+            optimizer.found_inf = found_inf  # type: ignore[attr-defined]  # GradScaler's attribute, read by torch's fused step
             torch_step()
     finally:
         for group, params in zip(groups, all_params):
             group["params"] = params
         if had_found_inf:
-            optimizer.found_inf = scaler_found_inf  # type: ignore[attr-defined]
+            optimizer.found_inf = scaler_found_inf  # type: ignore[attr-defined]  # GradScaler's attribute, read by torch's fused step
         else:
             vars(optimizer).pop("found_inf", None)
 

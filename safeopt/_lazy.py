@@ -120,7 +120,7 @@ def lazy_step(
 
                 def inner_closure(hidden: list[torch.Tensor] = hidden) -> Any:
                     with torch.enable_grad():
-                        value = closure()  # type: ignore[misc]
+                        value = closure()  # type: ignore[misc]  # pass_closure: closure is not None here
                     for p in hidden:  # grads the closure gave inactive parameters stay out of the step
                         p.grad = None
                     return value
@@ -130,7 +130,7 @@ def lazy_step(
                 step()
         if nothing and pass_closure:  # the loss is still the caller's to have
             with torch.enable_grad():
-                result = closure()  # type: ignore[misc]
+                result = closure()  # type: ignore[misc]  # pass_closure: closure is not None here
         stepped = True
     finally:
         for group, params in zip(groups, all_params):
@@ -199,7 +199,7 @@ class LazyOptimizer(FreezeAPI):
 
     def __init__(self, params: Any, *args: Any, lazy: _rule.Lazy = True, **kwargs: Any) -> None:
         _rule.check_lazy(lazy)
-        super().__init__(params, *args, **kwargs)  # type: ignore[call-arg]
+        super().__init__(params, *args, **kwargs)  # type: ignore[call-arg]  # the torch class after this mixin in the MRO takes the arguments
         self.defaults.update({_rule.LAZY: lazy, _rule.FROZEN: False})
         for i, group in enumerate(self.param_groups):
             _rule.check_flags(group, len(group["params"]), f"param group {i}")
@@ -207,22 +207,22 @@ class LazyOptimizer(FreezeAPI):
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """torch's step on the active parameters only; returns the closure's loss, if any."""
-        torch_step = unhooked(super().step.__func__)  # type: ignore[misc]
-        return lazy_step(self, lambda: torch_step(self), closure)  # type: ignore[arg-type]
+        torch_step = unhooked(super().step.__func__)  # type: ignore[misc]  # super() is the torch class: its step is a plain function
+        return lazy_step(self, lambda: torch_step(self), closure)  # type: ignore[arg-type]  # self is also the torch optimizer (mixin)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``; also takes ``"frozen"`` and ``"lazy"`` keys."""
         if _rule.LAZY not in self.defaults:  # torch's __init__ is still adding its groups
-            super().add_param_group(param_group)  # type: ignore[misc]
+            super().add_param_group(param_group)  # type: ignore[misc]  # the torch class after this mixin in the MRO has it
         else:
-            add_group(self, super().add_param_group, param_group)  # type: ignore[misc,arg-type]
+            add_group(self, super().add_param_group, param_group)  # type: ignore[misc,arg-type]  # the torch class after this mixin in the MRO has it
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``; freeze flags come back, a torch state_dict loads unfrozen."""
-        load_state(self, super().load_state_dict, state_dict)  # type: ignore[misc,arg-type]
+        load_state(self, super().load_state_dict, state_dict)  # type: ignore[misc,arg-type]  # the torch class after this mixin in the MRO has it
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)  # type: ignore[misc]
+        super().__setstate__(state)  # type: ignore[misc]  # the torch class after this mixin in the MRO has it
         self.defaults.setdefault(_rule.LAZY, True)
         self.defaults.setdefault(_rule.FROZEN, False)
         for group in self.param_groups:

@@ -28,6 +28,6 @@ class SGD(LazyOptimizer, torch.optim.SGD):
 
 for _cls, _torch_cls in ((Adam, torch.optim.Adam), (AdamW, torch.optim.AdamW), (SGD, torch.optim.SGD)):
     # The loop variable is a union of the three classes; inspect.signature reads __signature__.
-    _cls.__signature__ = lazy_twin_signature(_torch_cls)  # type: ignore[union-attr]
+    _cls.__signature__ = lazy_twin_signature(_torch_cls)  # type: ignore[union-attr]  # read by inspect.signature
     _cls.__module__ = "safeopt"
 del _cls, _torch_cls

@@ -274,7 +274,7 @@ class RowSteps:
         if counted:
             rows, counts, grad_rows, buckets = _buckets(state[ROW_STEP], rows, grad_rows, sgd)
         keys = [k for k, v in state.items() if k != ROW_STEP and isinstance(v, Tensor) and v.shape == p.shape]
-        grad: Tensor = p.grad if grad_rows is None else grad_rows  # type: ignore[assignment]
+        grad: Tensor = p.grad if grad_rows is None else grad_rows  # type: ignore[assignment]  # grad_rows is None only when p has a dense grad
         runs = None
         if all(t.is_contiguous() for t in (p, grad, *(state[k] for k in keys))):
             runs = _runs(rows, buckets, p.numel() // p.shape[0] * p.element_size())

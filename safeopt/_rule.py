@@ -144,7 +144,7 @@ def _sharded_flags(grads: Sequence[Tensor], out: list[bool], positions: list[int
         else:
             by_mesh[grad.device_mesh].append(i)
     for mesh, members in by_mesh.items():
-        local = [grads[i].to_local() for i in members]  # type: ignore[attr-defined]
+        local = [grads[i].to_local() for i in members]  # type: ignore[attr-defined]  # DTensor, known only at run time
         flags = torch.stack(_device.nonzero(local)).to(torch.int32)
         if flags.device.type != mesh.device_type:  # shards offloaded to the CPU, a CUDA mesh
             flags = flags.to(mesh.device_type)

@@ -257,7 +257,7 @@ class Watch:
 def _without_grad(params: Iterable[Tensor]) -> list[Tensor]:
     params = list(params)
     with_grad = [p for p in params if p.grad is not None]
-    flags = dict(zip(map(id, with_grad), nonzero_flags([p.grad for p in with_grad])))  # type: ignore[misc]
+    flags = dict(zip(map(id, with_grad), nonzero_flags([p.grad for p in with_grad])))  # type: ignore[misc]  # with_grad holds parameters whose grad is not None
     return [p for p in params if not flags.get(id(p), False)]
 
 

@@ -97,14 +97,14 @@ class LazyWrapper(FreezeAPI, Optimizer):
     @property
     def optimizer(self) -> Optimizer:
         """The wrapped optimizer. Stepping it directly bypasses the lazy rule."""
-        return self.__dict__["_inner"]  # type: ignore[no-any-return]
+        return self.__dict__["_inner"]  # type: ignore[no-any-return]  # set by wrap() to the wrapped Optimizer
 
     @property
     def strict(self) -> bool:
         """Whether inactive parameters are snapshotted and restored around each step."""
         return self._strict
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]  # keyword-compatible with Optimizer.step
         """Step the wrapped optimizer on the active parameters only.
 
         The grad of every inactive parameter is None for the call; ``group["params"]`` is left

@@ -87,3 +87,15 @@ def test_the_version_is_written_once() -> None:
 def test_the_tests_import_the_installed_wheel() -> None:
     assert "site-packages" in safeopt.__file__, f"the tests imported {safeopt.__file__}, not the wheel"
     assert metadata.version(DIST_NAME) == safeopt.__version__
+
+
+def test_every_type_ignore_names_its_code_and_a_reason() -> None:
+    import re
+
+    bare = [
+        f"{path.name}:{n}"
+        for path in sorted((ROOT / "safeopt").glob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if "type: ignore" in line and not re.search(r"# type: ignore\[[-a-z,_]+\]  # \S", line)
+    ]
+    assert not bare, f"type: ignore without its error code and a reason: {bare}"
