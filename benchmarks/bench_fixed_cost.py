@@ -75,7 +75,9 @@ def fit(points: list[dict[str, float]]) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--min-run-time", type=float, default=0.2)
@@ -113,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "fixed_cost.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+        (args.out / "fixed_cost.json").write_text(
+            json.dumps({"meta": meta, "results": results}, indent=1) + "\n"
+        )
         (args.out / "fixed_cost.md").write_text(text)
     return 0
 
