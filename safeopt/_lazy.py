@@ -54,7 +54,9 @@ def lazy_step(
         with torch.enable_grad():
             loss = closure()
 
-    _rows.check(optimizer, groups, twin=isinstance(optimizer, LazyOptimizer))
+    rows = any(group[_rule.LAZY] == _row_rule.ROWS for group in groups)
+    if rows:
+        _rows.check(optimizer, groups, twin=isinstance(optimizer, LazyOptimizer))
     on_device = _capturable.plan(optimizer, groups, strict=before is not None)
     if on_device is not None:  # capturable or capturing: no host read
         _capturable.step(optimizer, step, on_device)
@@ -67,7 +69,6 @@ def lazy_step(
             )
     by_rows = _rows.RowSteps()
     buckets: list[list[torch.Tensor]] = [[] for _ in groups]
-    rows = any(group[_rule.LAZY] == _row_rule.ROWS for group in groups)
     if rows:
         plans, buckets = by_rows.prepare(optimizer, groups, plans)  # lazy="rows": views or gathered rows
 
