@@ -39,6 +39,7 @@ import cases
 import harness
 import safeopt
 from safeopt import _rule
+from safeopt._torch_compat import allocate_state
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64)
 
@@ -199,11 +200,18 @@ class OptimizerMachine(RuleBasedStateMachine):
         gen = torch.Generator().manual_seed(0)
         try:
             opt = self._make_torch(params)
+            never_active = [
+                i for i, p in enumerate(params) if p.numel() == 0 and self.group_lazy[self.group_of[i]]
+            ]
             for _ in range(2):
                 for i, p in enumerate(params):
-                    never_active = p.numel() == 0 and self.group_lazy[self.group_of[i]]
-                    p.grad = None if never_active else self._grad(p, "dense", gen, like_param=False)
+                    p.grad = None if i in never_active else self._grad(p, "dense", gen, like_param=False)
                 opt.step()
+            # safeopt gives an idle parameter with a grad torch's state (and torch's refusals:
+            # fused kernels refuse complex parameters) without stepping it.
+            for i in never_active:
+                params[i].grad = torch.zeros_like(params[i])
+                allocate_state(opt, opt.param_groups[self.group_of[i]], [params[i]])
         except Exception as e:  # noqa: BLE001 - any refusal by torch rules the configuration out
             note(f"torch cannot step this configuration: {type(e).__name__}: {e}")
             return False
