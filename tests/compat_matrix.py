@@ -422,8 +422,6 @@ def _nothing_active(entry: Entry) -> str:
     params = _params(entry)
     opt = _build(entry, params)
     _step_pair(opt, None, params, params, _grads(0, params, 0))
-    for p in params:
-        p.grad = torch.zeros_like(p)
     idle, before = _step_pair(opt, None, params, params, [torch.zeros_like(p) for p in params])
     _idle_untouched(opt, params, idle, before)
     return "yes"
