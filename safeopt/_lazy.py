@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from safeopt import _capturable, _row_rule, _rows, _rule
+from safeopt import _amp, _capturable, _row_rule, _rows, _rule
 from safeopt._freeze import FreezeAPI
 from safeopt._torch_compat import STEP, batches, unhooked, writes_into_grads
 
@@ -71,6 +71,7 @@ def lazy_step(
     buckets: list[list[torch.Tensor]] = [[] for _ in groups]
     if rows:
         plans, buckets = by_rows.prepare(optimizer, groups, plans)  # lazy="rows": views or gathered rows
+    fresh = _amp.fresh_buffers(optimizer, groups, plans)  # a GradScaler-skipped step must not start them
 
     guarded: list[tuple[torch.Tensor, torch.Tensor]] = [
         (p, p.grad)  # type: ignore[misc]  # every active parameter has a grad
@@ -133,6 +134,7 @@ def lazy_step(
             with torch.enable_grad():
                 result = closure()  # type: ignore[misc]  # pass_closure: closure is not None here
         stepped = True
+        _amp.forget_if_skipped(optimizer, fresh)
     finally:
         for group, params in zip(groups, all_params):
             group["params"] = params

@@ -34,7 +34,7 @@ from torch import Tensor
 from safeopt import _torch_compat
 from safeopt._row_rule import ROWS
 from safeopt._rule import GroupPlan
-from safeopt._torch_compat import MOMENTUM_BUFFER, STEP, writes_into_grads
+from safeopt._torch_compat import MOMENTUM_BUFFER, STEP, skip_flag, skips_by_found_inf, writes_into_grads
 
 __all__ = ["ROW_STEP", "RowSteps", "allocate_state", "check", "restore_counts"]
 
@@ -93,6 +93,7 @@ class _Job(NamedTuple):
     shadows: list[Tensor]  # what torch steps: a split of compact[""] per bucket, or a run's view
     runs: list[tuple[int, int, float]]  # in place: each shadow's rows [start, stop) and count
     created: list[str]  # state keys this step created (all of them: "" too), undone if it fails
+    skip: Tensor | None  # a fused step under GradScaler: the device flag of a step its kernels skip
 
 
 # A parameter whose active rows form few runs of consecutive rows with one count, each holding
@@ -299,19 +300,24 @@ class RowSteps:
         for shadow, shadow_grad in zip(shadows, grads):
             shadow.grad = shadow_grad
         states = _shadow_states(state, parts, shadow_counts, sgd)
-        job = _Job(p, rows, counts, keys, compact, buckets, shadows, runs or [], created)
+        skip = skip_flag(optimizer) if skips_by_found_inf(optimizer, group) else None
+        job = _Job(p, rows, counts, keys, compact, buckets, shadows, runs or [], created, skip)
         return job, states
 
     def finish(self, stepped: bool) -> None:
         """Write the stepped rows back (when the step returned) and take the buckets out of the
         state; give back the users' sparse grads. A step that did not return leaves no state
-        behind that ``prepare`` created."""
+        behind that ``prepare`` created; nor does a step that GradScaler's ``found_inf`` had the
+        fused kernels skip, beyond torch's own fresh state (Adam's zero moments, step 0)."""
         state = self._state
+        skipped = False
         try:
             if stepped:
+                skipped = self._skipped()
                 with torch.no_grad():
                     for job in self.jobs:
-                        self._write_back(job)
+                        if not (skipped and job.skip is not None):
+                            self._write_back(job)
         finally:
             for job in self.jobs:
                 for shadow in job.shadows:
@@ -323,10 +329,23 @@ class RowSteps:
                     else:
                         for key in job.created:
                             state[job.param].pop(key, None)
+                elif skipped and job.skip is not None:
+                    for key in job.created:
+                        if key:
+                            state[job.param].pop(key, None)
             self.jobs = []
             for p, grad in self._grads:
                 p.grad = grad
             self._grads = []
+
+    def _skipped(self) -> bool:
+        """Whether the fused kernels skipped this step, read on the host only where the answer
+        decides which state keys stay: a job under GradScaler that created ``row_step`` or a
+        momentum buffer. Everything else a skip must undo is undone on the device."""
+        for job in self.jobs:
+            if job.skip is not None and any(job.created):
+                return bool(job.skip)  # one host read: every job of a step shares found_inf
+        return False
 
     def _write_back(self, job: _Job) -> None:
         state = self._state[job.param]
@@ -336,7 +355,7 @@ class RowSteps:
                 for shadow, (start, stop, _) in zip(job.shadows, job.runs):
                     made = self._state[shadow].get(key)
                     if made is not None and made.data_ptr() != state[key][start:stop].data_ptr():
-                        state[key][start:stop].copy_(made)
+                        state[key][start:stop].copy_(_unless_skipped(job.skip, made, state[key][start:stop]))
         else:
             sizes = [n for _, n in job.buckets]
             for key in job.keys:
@@ -344,7 +363,7 @@ class RowSteps:
                 for part, shadow in zip(job.compact[key].split(sizes), job.shadows):
                     made = self._state[shadow].get(key)
                     if made is not None and made is not part:
-                        part.copy_(made)
+                        part.copy_(_unless_skipped(job.skip, made, part))
                 _copy_rows(state[key], job.rows, job.compact[key])
             _copy_rows(job.param, job.rows, job.compact[""])
         if job.counts is None:
@@ -355,9 +374,18 @@ class RowSteps:
             advanced = first[STEP] - (job.runs[0][2] if job.runs else job.buckets[0][0])
             state[STEP].add_(advanced)
             advanced = advanced.to(job.counts.device, torch.float32)
+        elif job.skip is not None:  # SGD: a skipped step starts no row and counts for none
+            advanced = job.skip.logical_not().to(job.counts.device, torch.float32)
         else:
             advanced = 1
         state[ROW_STEP].index_copy_(0, job.rows, job.counts + advanced)
+
+
+def _unless_skipped(skip: Tensor | None, made: Tensor, old: Tensor) -> Tensor:
+    """A momentum buffer torch's fused SGD made for rows taking their first step: ``empty_like``
+    filled by the kernel, or left uninitialised when the kernel skipped the step; then the rows
+    keep ``old``. Decided on the device."""
+    return made if skip is None else torch.where(skip.to(made.device), old, made)
 
 
 # Write-backs are bit copies. Rows viewed as 16-byte elements (complex128, the widest dtype) go

@@ -23,6 +23,7 @@ __all__ = [
     "allocate_state",
     "batches",
     "saved_as_is",
+    "skip_flag",
     "skips_by_found_inf",
     "unhooked",
     "writes_into_grads",
@@ -205,3 +206,13 @@ def skips_by_found_inf(optimizer: torch.optim.Optimizer, group: dict[str, Any]) 
     return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)) and bool(
         group.get("fused")
     )
+
+
+def skip_flag(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """The flag, on the device, of a step that torch's fused kernels skip: the ``found_inf`` a
+    GradScaler set on the optimizer, compared as the kernels compare it (``== 1``: a sum of 2 over
+    two devices, or 0.5, does not skip). None when no ``found_inf`` is set. Reads nothing."""
+    found_inf = getattr(optimizer, "found_inf", None)
+    if not isinstance(found_inf, torch.Tensor):
+        return None
+    return found_inf == 1

@@ -26,6 +26,7 @@ FLOORS: dict[str, int] = {
     "_freeze": 2,
     "_rows": 2,
     "_capturable": 2,
+    "_amp": 2,
     "_lazy": 2,
     # 3: the public optimizers and wrap()
     "_optimizers": 3,

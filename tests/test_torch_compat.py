@@ -26,6 +26,7 @@ from safeopt._torch_compat import (
     allocate_state,
     batches,
     saved_as_is,
+    skip_flag,
     skips_by_found_inf,
     unhooked,
     writes_into_grads,
@@ -241,3 +242,27 @@ def test_load_casts_extra_state_to_the_parameter_dtype_and_saved_as_is_undoes_it
     assert opt.state[p]["count"].dtype == torch.bfloat16, f"torch {TORCH} no longer casts on load"
     saved_as_is(opt, saved, "count", torch.float32)
     assert harness.bit_equal(opt.state[p]["count"], count)
+
+
+@pytest.mark.parametrize("torch_cls", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD])
+def test_fused_kernels_skip_when_found_inf_is_one_and_sgd_starts_its_buffer_anyway(torch_cls: type) -> None:
+    """``skip_flag`` compares as the kernels do (1 skips; 2, a two-device sum, and 0.5 do not),
+    and torch's fused SGD leaves a momentum buffer behind a skipped first step (``safeopt._amp``
+    takes it out again)."""
+    kwargs = {"momentum": 0.9} if torch_cls is torch.optim.SGD else {}
+    for found_inf in (1.0, 2.0, 0.5, 0.0):
+        p = torch.nn.Parameter(torch.ones(3))
+        p.grad = torch.ones(3)
+        opt = torch_cls([p], lr=0.1, fused=True, **kwargs)
+        opt.found_inf = torch.tensor(found_inf)
+        opt.step()
+        flag = skip_flag(opt)
+        assert flag is not None
+        assert bool(flag) == harness.bit_equal(p.detach(), torch.ones(3)), (
+            f"torch {TORCH}, found_inf {found_inf}"
+        )
+        if torch_cls is torch.optim.SGD and found_inf == 1.0:
+            assert MOMENTUM_BUFFER in opt.state[p], (
+                f"torch {TORCH}: a skipped first step starts no buffer now"
+            )
+    assert skip_flag(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)) is None
