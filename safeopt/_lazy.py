@@ -220,6 +220,11 @@ class LazyOptimizer(FreezeAPI):
         else:
             add_group(self, super().add_param_group, param_group)  # type: ignore[misc,arg-type]  # the torch class after this mixin in the MRO has it
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict``; a ``lazy="rows"`` parameter also saves the ``step`` its
+        ``row_step`` is current at (``_rows.stamp_counts``)."""
+        return _rows.stamp_counts(self, super().state_dict())  # type: ignore[misc,arg-type]  # the torch class after this mixin in the MRO has it
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``; freeze flags come back, a torch state_dict loads unfrozen."""
         load_state(self, super().load_state_dict, state_dict)  # type: ignore[misc,arg-type]  # the torch class after this mixin in the MRO has it

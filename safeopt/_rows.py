@@ -25,6 +25,7 @@ steps above run on them. torch never sees the sparse grad.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -36,9 +37,12 @@ from safeopt._row_rule import ROWS
 from safeopt._rule import GroupPlan
 from safeopt._torch_compat import MOMENTUM_BUFFER, STEP, skip_flag, skips_by_found_inf, writes_into_grads
 
-__all__ = ["ROW_STEP", "RowSteps", "allocate_state", "check", "restore_counts"]
+__all__ = ["ROW_STEP", "ROW_STEP_AT", "RowSteps", "allocate_state", "check", "restore_counts", "stamp_counts"]
 
 ROW_STEP = "row_step"  # per-row step counts, next to torch's own state keys
+# In a saved state only: the parameter's ``step`` when its ``row_step`` was saved. A Python float,
+# which torch's load_state_dict keeps as it is (it casts tensors to the parameter's dtype).
+ROW_STEP_AT = "row_step_at"
 
 
 def allocate_state(optimizer: torch.optim.Optimizer, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -413,6 +417,69 @@ def _copy_rows(dst: Tensor, rows: Tensor, src: Tensor) -> None:
     dst.index_copy_(0, rows, src)
 
 
+def stamp_counts(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` (torch's, of ``optimizer``) with ``ROW_STEP_AT`` beside the ``row_step`` of
+    each parameter of a ``lazy="rows"`` group that keeps a ``step`` (Adam, AdamW). One host read
+    of ``step`` per such parameter. The live state is not changed (torch's state_dict shares its
+    dicts)."""
+    packed = state_dict["state"]
+    for saved, group in zip(state_dict["param_groups"], optimizer.param_groups):
+        if group.get("lazy") != ROWS:
+            continue
+        for i, p in zip(saved["params"], group["params"]):
+            state = optimizer.state.get(p)
+            if state and ROW_STEP in state and STEP in state and i in packed:
+                packed[i] = {**packed[i], ROW_STEP_AT: float(state[STEP])}
+    return state_dict
+
+
+def _exact_up_to(dtype: torch.dtype) -> float:
+    """``dtype`` holds every count up to this one exactly (2 / eps: 256 in bfloat16, 2048 in float16)."""
+    return 2.0 / torch.finfo(dtype).eps if dtype.is_floating_point else float("inf")
+
+
 def restore_counts(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
-    """Undo torch's load casting ``row_step`` to the parameter's dtype."""
+    """After a load: ``row_step`` as saved, in float32 (torch's load casts it to the parameter's
+    dtype), and brought up to date with the steps a torch optimizer took in between.
+
+    - A ``row_step`` saved by a torch optimizer that had loaded it was rounded to the
+      parameter's dtype there (bfloat16 holds every count only up to 256): warned about when a
+      count is past that, since the lost counts cannot be told.
+    - ``ROW_STEP_AT`` says the ``step`` the counts were current at. A torch optimizer that
+      loaded them and stepped the parameter k times stepped every row k times (and did not count
+      them): every row's count gets k. SGD keeps no step: there a row counted as not started whose
+      momentum buffer row is no longer zero was started by such a step, and counts as started.
+    """
     _torch_compat.saved_as_is(optimizer, state_dict, ROW_STEP, torch.float32)
+    saved_ids = [i for group in state_dict.get("param_groups", []) for i in group.get("params", [])]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_state = state_dict.get("state", {})
+    for saved_id, p in zip(saved_ids, params):
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        at = state.pop(ROW_STEP_AT, None)
+        saved = saved_state.get(saved_id, {})
+        counts = state.get(ROW_STEP)
+        if not isinstance(counts, Tensor):
+            continue
+        saved_counts = saved.get(ROW_STEP)
+        if isinstance(saved_counts, Tensor) and saved_counts.dtype != torch.float32 and saved_counts.numel():
+            limit = _exact_up_to(saved_counts.dtype)
+            if float(saved_counts.max()) > limit:
+                warnings.warn(
+                    f"row_step of a {tuple(p.shape)} parameter was saved as {saved_counts.dtype} by an "
+                    f"optimizer that loaded it (torch's load_state_dict casts extra state to the "
+                    f"parameter's dtype): counts above {limit:g} are rounded, and those rows' bias "
+                    f'correction follows the rounded count. Save and load lazy="rows" state with '
+                    f"safeopt's optimizers to keep the counts exact",
+                    stacklevel=4,
+                )
+        if STEP in state and isinstance(at, float):
+            missed = float(state[STEP]) - at
+            if missed > 0:  # a new tensor: the loaded one may be the caller's state_dict's own
+                state[ROW_STEP] = counts + missed
+        elif STEP not in state and MOMENTUM_BUFFER in state:
+            buffer = state[MOMENTUM_BUFFER]
+            started = buffer.reshape(buffer.shape[0], -1).ne(0).any(1)
+            state[ROW_STEP] = counts.masked_fill(counts.eq(0) & started.to(counts.device), 1.0)

@@ -17,6 +17,7 @@ the parameter's dtype, and torch's optimizers do not count rows.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +30,8 @@ from torch import Tensor, nn
 import harness
 import safeopt
 from safeopt import _rows, _rule
-from test_capturable import host_reads
+from safeopt._rows import ROW_STEP, ROW_STEP_AT
+from test_capturable import capturing, host_reads
 
 INF = float("inf")
 
@@ -81,18 +83,28 @@ MAKERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 
 
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("make", MAKERS)
-def test_fused_sgd_first_step_in_a_skipped_step_starts_no_buffer(make: str) -> None:
+def test_fused_sgd_first_step_in_a_skipped_step_starts_no_buffer(make: str, device: str) -> None:
     """Issue 25.2: b's first nonzero grad comes in a step GradScaler skips. torch's fused SGD
     starts its buffer with empty_like and the skipped kernel never fills it; b must not count as
     started, and its next real step is torch's first: b = 1 - 0.1 * 1."""
-    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    a, b = nn.Parameter(torch.ones(3, device=device)), nn.Parameter(torch.ones(3, device=device))
     opt = MAKERS[make]([a, b], lr=0.1, momentum=0.9, fused=True)
-    sc = scaler(4.0)
+    sc = torch.amp.GradScaler(device, init_scale=4.0, growth_interval=1000)
+    sc.scale(torch.tensor(1.0, device=device))
     plan = [([1.0] * 3, [0.0] * 3, False), ([1.0] * 3, [1.0, INF, 1.0], True), ([1.0] * 3, [1.0] * 3, False)]
     for ga, gb, skipped in plan:
         scale = sc.get_scale()
-        a.grad, b.grad = torch.tensor(ga) * scale, torch.tensor(gb) * scale
+        a.grad, b.grad = torch.tensor(ga, device=device) * scale, torch.tensor(gb, device=device) * scale
         before = harness.snapshot(opt, [a, b])
         sc.step(opt)
         sc.update()
@@ -100,8 +112,8 @@ def test_fused_sgd_first_step_in_a_skipped_step_starts_no_buffer(make: str) -> N
             harness.assert_unchanged(before, opt, [a, b], [0], "a, skipped step")
             assert harness.bit_equal(b.detach(), before[1][0])
             assert "momentum_buffer" not in opt.state.get(b, {}), "a skipped step started b's buffer"
-    assert harness.bit_equal(b.detach(), torch.full((3,), 1 - 0.1 * 1.0))
-    assert harness.bit_equal(opt.state[b]["momentum_buffer"], torch.ones(3))
+    assert harness.bit_equal(b.detach(), torch.full((3,), 1 - 0.1 * 1.0, device=device))
+    assert harness.bit_equal(opt.state[b]["momentum_buffer"], torch.ones(3, device=device))
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["gathered", "in place"])
@@ -341,6 +353,31 @@ def test_capturable_adam_first_step_in_a_skipped_step_reads_nothing() -> None:
     assert_like(dict(opt.state[b]), {}, b, torch.optim.Adam, "b after a skipped first step")
 
 
+def test_under_capture_a_skipped_step_reads_nothing_and_an_unstarted_buffer_is_refused() -> None:
+    """The capturable path (CPU stand-in for a capturing stream): fused SGD whose stepped buffers
+    are started takes GradScaler's found_inf on the device (a skipped step changes nothing, nothing
+    is read on the host); a parameter whose buffer a step would start is refused before
+    anything changes, found_inf or not."""
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    opt = safeopt.SGD([a, b], lr=0.1, momentum=0.9, fused=True)
+    a.grad, b.grad = torch.ones(3), torch.zeros(3)
+    opt.step()  # a started; b idle, not started
+    a.grad, b.grad = torch.tensor([1.0, INF, 1.0]), None  # a grad of b's would need its buffer (below)
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)  # type: ignore[attr-defined]  # GradScaler's attributes
+    before = harness.snapshot(opt, [a, b])
+    with capturing(), host_reads() as seen:
+        opt.step()
+    assert seen == []
+    harness.assert_unchanged(before, opt, [a, b], [1], "idle")
+    assert harness.bit_equal(a.detach(), before[0][0])
+    harness.assert_state_equal(dict(opt.state[a]), before[0][2], "a after a skipped step")
+    b.grad = torch.ones(3)
+    before = harness.snapshot(opt, [a, b])
+    with capturing(), pytest.raises(RuntimeError, match="no momentum buffer yet"):
+        opt.step()
+    harness.assert_unchanged(before, opt, [a, b], [0, 1], "refused")
+
+
 def test_the_host_read_comes_only_with_a_fresh_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
     """Eager fused SGD under GradScaler, grads decided as on an accelerator (one read a step):
     found_inf is read on the host in a step that starts a momentum buffer, and in no other."""
@@ -358,3 +395,105 @@ def test_the_host_read_comes_only_with_a_fresh_buffer(monkeypatch: pytest.Monkey
     decide = ["Tensor.tolist"]
     read = "aten._local_scalar_dense.default"  # found_inf
     assert reads == [[*decide, read], [*decide, read], decide], reads
+
+
+# -- row counts through torch (issue 25.4) --------------------------------------------------------------
+
+
+def _rows_state(opt: torch.optim.Optimizer, w: Tensor, counts: list[float], step: float) -> None:
+    """Give ``w`` Adam state with these row counts, as that many row steps would have."""
+    opt.state[w] = {
+        "step": torch.tensor(step),
+        "exp_avg": torch.full_like(w, 0.01),
+        "exp_avg_sq": torch.full_like(w, 0.001),
+        ROW_STEP: torch.tensor(counts),
+    }
+
+
+def test_row_counts_rounded_by_torchs_load_are_warned_about() -> None:
+    """A bfloat16 parameter's row_step 301 comes back from torch.optim.Adam's state_dict as 300:
+    the counts cannot be recovered, so the load says so, naming the dtype and the limit."""
+    w = nn.Parameter(torch.ones(3, 2, dtype=torch.bfloat16))
+    opt = safeopt.Adam([w], lr=0.1, lazy="rows")
+    _rows_state(opt, w, [301.0, 5.0, 0.0], 301.0)
+    theirs = torch.optim.Adam([nn.Parameter(w.detach().clone())], lr=0.1)
+    theirs.load_state_dict(harness.roundtrip(opt.state_dict()))
+    back = harness.roundtrip(theirs.state_dict())
+    assert back["state"][0][ROW_STEP].tolist() == [300.0, 5.0, 0.0], "torch no longer rounds row_step"
+    again = safeopt.Adam([w], lr=0.1, lazy="rows")
+    with pytest.warns(UserWarning, match=r"row_step .* saved as torch.bfloat16 .* counts above 256"):
+        again.load_state_dict(back)
+    assert again.state[w][ROW_STEP].dtype == torch.float32
+    # Counts torch could hold, and safeopt's own round trip, load without a word.
+    _rows_state(opt, w, [256.0, 5.0, 0.0], 256.0)
+    theirs.load_state_dict(harness.roundtrip(opt.state_dict()))
+    for saved in (theirs.state_dict(), opt.state_dict()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            safeopt.Adam([w], lr=0.1, lazy="rows").load_state_dict(harness.roundtrip(saved))
+
+
+@pytest.mark.parametrize("torch_cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_rows_that_torch_stepped_between_runs_count_those_steps(torch_cls: type) -> None:
+    """safeopt rows -> torch (3 whole steps) -> safeopt: every row took part in torch's 3 steps,
+    so every count is 3 more (the issue: they came back unchanged, and the next update of such a
+    row was too large); the next row step then equals the row stepped alone with that count."""
+    make = {torch.optim.Adam: safeopt.Adam, torch.optim.AdamW: safeopt.AdamW}[torch_cls]
+    w = nn.Parameter(torch.linspace(-1, 1, 12).reshape(4, 3))
+    opt = make([w], lr=0.1, lazy="rows")
+    for rows in ([0, 1], [1], [1, 2]):
+        w.grad = torch.zeros(4, 3)
+        w.grad[rows] = 1.0
+        opt.step()
+    assert opt.state[w][ROW_STEP].tolist() == [1.0, 3.0, 1.0, 0.0]
+    assert ROW_STEP_AT not in opt.state[w]
+    saved = harness.roundtrip(opt.state_dict())
+    assert saved["state"][0].get(ROW_STEP_AT) in (None, 3.0)  # the stamp, if any: step when saved
+    q = nn.Parameter(w.detach().clone())
+    theirs = torch_cls([q], lr=0.1)
+    theirs.load_state_dict(saved)
+    for _ in range(3):
+        q.grad = torch.full((4, 3), 0.5)
+        theirs.step()
+    again = make([w], lr=0.1, lazy="rows")
+    with torch.no_grad():
+        w.copy_(q)
+    again.load_state_dict(harness.roundtrip(theirs.state_dict()))
+    assert again.state[w][ROW_STEP].tolist() == [4.0, 6.0, 4.0, 3.0]
+    assert float(again.state[w]["step"]) == 6 and ROW_STEP_AT not in again.state[w]
+    # The next step of row 3 is torch's step of that row alone, at its count (3 -> 4).
+    row = nn.Parameter(w.detach()[3:4].clone())
+    alone = torch_cls([row], lr=0.1)
+    alone.state[row] = {
+        "step": torch.tensor(3.0),
+        **{k: again.state[w][k][3:4].clone() for k in ("exp_avg", "exp_avg_sq")},
+    }
+    row.grad = torch.ones(1, 3)
+    alone.step()
+    w.grad = torch.zeros(4, 3)
+    w.grad[3] = 1.0
+    again.step()
+    torch.testing.assert_close(w.detach()[3:4], row.detach(), rtol=0, atol=1e-7)
+    assert again.state[w][ROW_STEP].tolist() == [4.0, 6.0, 4.0, 4.0]
+    # A round trip through safeopt alone changes no count.
+    once_more = make([w], lr=0.1, lazy="rows")
+    once_more.load_state_dict(harness.roundtrip(again.state_dict()))
+    assert harness.bit_equal(once_more.state[w][ROW_STEP], again.state[w][ROW_STEP])
+
+
+def test_sgd_rows_that_torch_started_between_runs_count_as_started() -> None:
+    """SGD keeps no step: a row not started under safeopt (count 0, a zero buffer row) whose
+    buffer row a torch step made nonzero counts as started after the load."""
+    w = nn.Parameter(torch.ones(3, 2))
+    opt = safeopt.SGD([w], lr=0.1, momentum=0.9, lazy="rows")
+    w.grad = torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
+    opt.step()
+    assert opt.state[w][ROW_STEP].tolist() == [1.0, 0.0, 0.0]
+    q = nn.Parameter(w.detach().clone())
+    theirs = torch.optim.SGD([q], lr=0.1, momentum=0.9)
+    theirs.load_state_dict(harness.roundtrip(opt.state_dict()))
+    q.grad = torch.tensor([[1.0, 1.0], [2.0, 2.0], [0.0, 0.0]])
+    theirs.step()
+    again = safeopt.SGD([w], lr=0.1, momentum=0.9, lazy="rows")
+    again.load_state_dict(harness.roundtrip(theirs.state_dict()))
+    assert again.state[w][ROW_STEP].tolist() == [1.0, 1.0, 0.0]
