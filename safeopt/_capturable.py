@@ -64,12 +64,12 @@ def plan(
     for group in groups:
         entry = _Group()
         out.append(entry)
-        frozen_at = set(range(len(group["params"])) if group[_rule.FROZEN] else group[_rule.FROZEN_PARAMS])
-        for position, p in enumerate(group["params"]):
+        frozen_ids = _rule.frozen_params(group)
+        for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
-            if position in frozen_at:
+            if group[_rule.FROZEN] or id(p) in frozen_ids:
                 entry.frozen.append(p)
                 continue
             if group[_rule.LAZY] and _device.decidable(grad):
@@ -131,9 +131,14 @@ def step(optimizer: torch.optim.Optimizer, torch_step: Callable[[], Any], plans:
         calls.append(([entry.always for entry in plans], scaler_found_inf))
     k = 0
     for gi, entry in enumerate(plans):
+        # A parameter held twice goes into one call twice, as torch's step takes the duplicate
+        # (its step count advanced twice before the kernel updates it twice).
+        held: dict[int, tuple[list[Tensor], Tensor]] = {}
         for p in entry.flagged:
-            calls.append(([[p] if i == gi else [] for i in range(len(groups))], skips[k]))
+            held.setdefault(id(p), ([], skips[k]))[0].append(p)
             k += 1
+        for listed, skip in held.values():
+            calls.append(([listed if i == gi else [] for i in range(len(groups))], skip))
     all_params = [group["params"] for group in groups]
     had_found_inf = "found_inf" in vars(optimizer)
     try:

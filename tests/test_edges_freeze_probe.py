@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,7 +31,9 @@ from safeopt._rows import ROW_STEP
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:optimizer contains a parameter group with duplicate parameters"
+)
 
 
 # -- item 1: a parameter held twice ----------------------------------------------------------------
@@ -197,6 +198,29 @@ def test_rows_duplicate_with_a_sparse_grad_gives_the_users_grad_back() -> None:
     assert emb.weight.grad is grad
     assert harness.bit_equal(emb.weight.detach(), q.detach())
     harness.assert_state_equal(opt.state[emb.weight], ref.state[q], "sparse duplicate")
+
+
+def test_capturable_duplicate_is_one_call_as_torch_takes_it() -> None:
+    """The step decided on the device (fused, capturable; torch accepts it on the CPU) puts a
+    parameter held twice into one call twice: torch's fused Adam advances its count by two
+    before updating it twice with that count. A frozen duplicate stays where it is."""
+    torch.manual_seed(0)
+    w, frozen = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2))
+    q = nn.Parameter(w.detach().clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = safeopt.Adam([w, w, frozen, frozen], lr=0.1, fused=True, capturable=True)
+        ref = torch.optim.Adam([q, q], lr=0.1, fused=True, capturable=True)
+    opt.freeze(frozen)
+    before = frozen.detach().clone()
+    for _ in range(2):
+        g = torch.randn(3)
+        w.grad, q.grad, frozen.grad = g.clone(), g.clone(), torch.ones(2)
+        opt.step()
+        ref.step()
+    assert harness.bit_equal(w.detach(), q.detach())
+    harness.assert_state_equal(opt.state[w], ref.state[q], "capturable duplicate")
+    assert harness.bit_equal(frozen.detach(), before)
 
 
 # -- item 10: an empty group ----------------------------------------------------------------------
@@ -366,6 +390,7 @@ def test_grads_without_plain_storage_are_decided_without_a_crash(entry: str) -> 
     """One child interpreter per entry point, every kind of grad in turn (a crash names the kind)."""
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, entry, *CHILD_KINDS],
+        check=False,
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -469,8 +494,17 @@ def test_the_probe_agrees_with_the_full_check_on_single_elements(dtype: torch.dt
     that is otherwise zero: the probe only ever proves nonzero what the full check finds nonzero."""
     real = dtype.to_real() if dtype.is_complex else dtype
     info = torch.finfo(real)
-    for value in (0.0, -0.0, info.smallest_normal / 4, -info.smallest_normal / 4, 1.0, -2.5, float("inf"), float("nan")):
-        for imag in ((0.0, value) if dtype.is_complex else (0.0,)):
+    for value in (
+        0.0,
+        -0.0,
+        info.smallest_normal / 4,
+        -info.smallest_normal / 4,
+        1.0,
+        -2.5,
+        float("inf"),
+        float("nan"),
+    ):
+        for imag in (0.0, value) if dtype.is_complex else (0.0,):
             g = torch.zeros(4, dtype=dtype)
             g[0] = complex(value, imag) if dtype.is_complex else value
             full = _rule._full_flags([g])[0]
