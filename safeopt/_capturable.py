@@ -44,7 +44,9 @@ class _Group:
     def __init__(self) -> None:
         self.always: list[Tensor] = []  # stepped whatever their grad holds (lazy=False, no data)
         self.flagged: list[Tensor] = []  # stepped in a call of their own, skipped on the device when idle
-        self.frozen: list[Tensor] = []  # frozen with a grad: given torch's fresh state, as on the host path
+        self.frozen: list[
+            Tensor
+        ] = []  # idle on the host's word (frozen, a ZeroTensor grad): torch's fresh state
 
 
 def plan(
@@ -69,7 +71,9 @@ def plan(
             grad = p.grad
             if grad is None:
                 continue
-            if group[_rule.FROZEN] or id(p) in frozen_ids:
+            # Frozen, or a ZeroTensor (zero by construction, known without a read; torch's fused
+            # kernels refuse one even when told to skip): idle, decided on the host.
+            if group[_rule.FROZEN] or id(p) in frozen_ids or (group[_rule.LAZY] and grad._is_zerotensor()):
                 entry.frozen.append(p)
                 continue
             if group[_rule.LAZY] and _device.decidable(grad):

@@ -425,6 +425,23 @@ def test_grads_without_plain_storage_are_decided_without_a_crash(entry: str) -> 
             assert out["step"] == 1.0 if nonzero else out["step"] in (None, 0.0), out
 
 
+def test_a_zerotensor_grad_is_idle_in_the_step_decided_on_the_device() -> None:
+    """A ZeroTensor is zero by construction (known without a read): in a capturable step its
+    parameter is left out, as torch leaves out a grad-less one, instead of reaching torch's fused
+    kernel, which refuses ZeroTensors even when told to skip."""
+    p, q = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    ref_q = nn.Parameter(torch.ones(3))
+    opt = safeopt.Adam([p, q], lr=0.1, fused=True, capturable=True)
+    ref = torch.optim.Adam([ref_q], lr=0.1, fused=True, capturable=True)
+    zero = torch._efficientzerotensor(3)
+    p.grad, q.grad, ref_q.grad = zero, torch.ones(3), torch.ones(3)
+    opt.step()
+    ref.step()
+    assert p.grad is zero and harness.bit_equal(p.detach(), torch.ones(3))
+    assert float(opt.state[p]["step"]) == 0
+    assert harness.bit_equal(q.detach(), ref_q.detach())
+
+
 # -- item 8: subnormals under flush_denormal ------------------------------------------------------
 
 
