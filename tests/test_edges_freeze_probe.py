@@ -27,6 +27,7 @@ from torch import Tensor, nn
 import harness
 import safeopt
 from safeopt import _rule
+from safeopt._row_rule import active_rows
 from safeopt._rows import ROW_STEP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -440,6 +441,19 @@ def test_a_zerotensor_grad_is_idle_in_the_step_decided_on_the_device() -> None:
     assert p.grad is zero and harness.bit_equal(p.detach(), torch.ones(3))
     assert float(opt.state[p]["step"]) == 0
     assert harness.bit_equal(q.detach(), ref_q.detach())
+
+
+def test_a_conjugate_grad_is_decided_by_rows_too() -> None:
+    """A conjugate view's rows are active where the values' rows are: an all-zero one is idle
+    (no error from deciding it); a row with a nonzero element is found."""
+    c = nn.Parameter(torch.ones(3, 2, dtype=torch.complex64))
+    opt = safeopt.Adam([c], lr=0.1, lazy="rows")
+    c.grad = torch.zeros(3, 2, dtype=torch.complex64).conj()
+    opt.step()
+    assert harness.bit_equal(c.detach(), torch.ones(3, 2, dtype=torch.complex64))
+    g = torch.zeros(3, 2, dtype=torch.complex64)
+    g[1, 1] = 1j
+    assert active_rows(g.conj()).tolist() == [1]
 
 
 # -- item 8: subnormals under flush_denormal ------------------------------------------------------
