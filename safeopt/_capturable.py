@@ -44,7 +44,9 @@ class _Group:
     def __init__(self) -> None:
         self.always: list[Tensor] = []  # stepped whatever their grad holds (lazy=False, no data)
         self.flagged: list[Tensor] = []  # stepped in a call of their own, skipped on the device when idle
-        self.frozen: list[Tensor] = []  # frozen with a grad: given torch's fresh state, as on the host path
+        self.frozen: list[
+            Tensor
+        ] = []  # idle on the host's word (frozen, a ZeroTensor grad): torch's fresh state
 
 
 def plan(
@@ -64,12 +66,14 @@ def plan(
     for group in groups:
         entry = _Group()
         out.append(entry)
-        frozen_at = set(range(len(group["params"])) if group[_rule.FROZEN] else group[_rule.FROZEN_PARAMS])
-        for position, p in enumerate(group["params"]):
+        frozen_ids = _rule.frozen_params(group)
+        for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
-            if position in frozen_at:
+            # Frozen, or a ZeroTensor (zero by construction, known without a read; torch's fused
+            # kernels refuse one even when told to skip): idle, decided on the host.
+            if group[_rule.FROZEN] or id(p) in frozen_ids or (group[_rule.LAZY] and grad._is_zerotensor()):
                 entry.frozen.append(p)
                 continue
             if group[_rule.LAZY] and _device.decidable(grad):
@@ -131,9 +135,14 @@ def step(optimizer: torch.optim.Optimizer, torch_step: Callable[[], Any], plans:
         calls.append(([entry.always for entry in plans], scaler_found_inf))
     k = 0
     for gi, entry in enumerate(plans):
+        # A parameter held twice goes into one call twice, as torch's step takes the duplicate
+        # (its step count advanced twice before the kernel updates it twice).
+        held: dict[int, tuple[list[Tensor], Tensor]] = {}
         for p in entry.flagged:
-            calls.append(([[p] if i == gi else [] for i in range(len(groups))], skips[k]))
+            held.setdefault(id(p), ([], skips[k]))[0].append(p)
             k += 1
+        for listed, skip in held.values():
+            calls.append(([listed if i == gi else [] for i in range(len(groups))], skip))
     all_params = [group["params"] for group in groups]
     had_found_inf = "found_inf" in vars(optimizer)
     try:

@@ -38,7 +38,9 @@ def _values(grad: Tensor) -> Tensor:
         grad = grad.coalesce().values()
     elif grad.layout is not torch.strided:
         grad = grad.values()
-    return torch.view_as_real(grad) if grad.is_complex() else grad
+    if grad.is_complex():  # a conjugate view differs from its values only in signs: undone, no copy
+        return torch.view_as_real(grad.conj() if grad.is_conj() else grad)
+    return grad
 
 
 def _by_kind(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:

@@ -9,7 +9,8 @@ RULE = """\
 A parameter is *inactive* in a step when its group or the parameter itself is
 frozen (see :meth:`freeze`), its grad is ``None``, or, with ``lazy=True`` (the
 default), every element of its grad equals zero (``-0.0`` counts as zero; NaN,
-inf and subnormal values do not). An inactive parameter, its grad and all of its
+inf and subnormal values do not, subnormals unless ``torch.set_flush_denormal(True)``
+makes torch compare them equal to zero). An inactive parameter, its grad and all of its
 optimizer state stay bit-identical: no moment decay, no weight decay, no step
 count. Active parameters are updated by torch's own kernels exactly as torch
 would update them: a step equals a torch step on an optimizer holding only the

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from safeopt._rule import FROZEN, FROZEN_PARAMS
+from safeopt._rule import FROZEN, FROZEN_PARAMS, frozen_params
 
 __all__ = ["FreezeAPI", "Target"]
 
@@ -61,13 +61,17 @@ def _select(param_groups: Sequence[dict[str, Any]], target: Any) -> _Selection:
             )
         return _Selection(found, [])
 
-    where = {id(p): (gi, pos) for gi, g in enumerate(param_groups) for pos, p in enumerate(g["params"])}
+    # Every position of each parameter: torch only warns when a group holds one twice.
+    where: dict[int, list[tuple[int, int]]] = {}
+    for gi, g in enumerate(param_groups):
+        for pos, p in enumerate(g["params"]):
+            where.setdefault(id(p), []).append((gi, pos))
     if isinstance(target, Tensor):
         if id(target) not in where:
             raise ValueError(f"the {_describe(target)} is not held by this optimizer")
-        return _Selection([], [where[id(target)]])
+        return _Selection([], where[id(target)])
     if isinstance(target, nn.Module):
-        held = [where[id(p)] for p in target.parameters() if id(p) in where]
+        held = [at for p in target.parameters() for at in where.get(id(p), [])]
         if not held:
             raise ValueError(
                 f"none of the parameters of the {type(target).__name__} module is held by this optimizer"
@@ -83,7 +87,7 @@ def _select(param_groups: Sequence[dict[str, Any]], target: Any) -> _Selection:
                 raise TypeError(f"expected an iterable of parameters, found {type(t).__name__}: {t!r}")
             if id(t) not in where:
                 raise ValueError(f"the {_describe(t)} is not held by this optimizer")
-            selected.append(where[id(t)])
+            selected.extend(where[id(t)])
         return _Selection([], selected)
     raise TypeError(
         f"cannot freeze a {type(target).__name__}: pass a param group (index, dict or name), "
@@ -104,7 +108,9 @@ def _set(param_groups: Sequence[dict[str, Any]], selection: _Selection, value: b
 
 
 def _param_frozen(group: dict[str, Any], pos: int) -> bool:
-    return bool(group[FROZEN]) or pos in group[FROZEN_PARAMS]
+    """Whether the parameter at ``pos`` is frozen: by its group, or at any position it holds in
+    the group (a parameter held twice is one parameter; ``plan_step`` decides the same way)."""
+    return bool(group[FROZEN]) or id(group["params"][pos]) in frozen_params(group)
 
 
 class FreezeAPI:
@@ -142,12 +148,22 @@ class FreezeAPI:
         _set(self.param_groups, selection, False)
 
     def is_frozen(self, target: Target) -> bool:
-        """True when every parameter named by ``target`` is frozen, by its group or itself."""
+        """True when every parameter named by ``target`` is frozen, by its group or itself.
+
+        A group is frozen when it was frozen as a whole, or when it holds parameters and each of
+        them is frozen; an empty group only in the first case. A parameter held at several
+        positions of its group is frozen and unfrozen at all of them together.
+        """
         selection = _select(self.param_groups, target)
         groups = self.param_groups
+        # A group is frozen by its flag; one with parameters also when each of them is frozen
+        # (an empty group was frozen only if its flag says so).
         return all(
             groups[gi][FROZEN]
-            or all(_param_frozen(groups[gi], pos) for pos in range(len(groups[gi]["params"])))
+            or (
+                bool(groups[gi]["params"])
+                and all(_param_frozen(groups[gi], pos) for pos in range(len(groups[gi]["params"])))
+            )
             for gi in selection.groups
         ) and all(_param_frozen(groups[gi], pos) for gi, pos in selection.params)
 

@@ -28,8 +28,9 @@ _MAGNITUDE = {2: 0x7FFF, 4: 0x7FFF_FFFF, 8: 0x7FFF_FFFF_FFFF_FFFF}
 def _by_rows(grad: Tensor) -> Tensor:
     """``grad`` as a real ``[rows, elements]`` tensor with unit stride along a row (a copy only
     when the grad's rows are not laid out that way)."""
-    g = torch.view_as_real(grad) if grad.is_complex() else grad
-    flat = g.reshape(g.shape[0], -1)
+    if grad.is_complex():  # a conjugate view differs from its values only in signs: undone, no copy
+        grad = torch.view_as_real(grad.conj() if grad.is_conj() else grad)
+    flat = grad.reshape(grad.shape[0], -1)
     return flat if flat.stride(1) == 1 else flat.contiguous()
 
 

@@ -228,8 +228,13 @@ class RowSteps:
                     ]
                     active = [p for p in active if id(p) not in whole]
                     out_plans.append(plan._replace(active=active, rows=rows))
+                    jobs: dict[int, _Job] = {}
                     for p, row_ids, grad_rows in rows:
+                        if id(p) in jobs:  # held twice: torch steps the duplicate's rows twice
+                            shadows.extend(jobs[id(p)].shadows)
+                            continue
                         job, shadow_states = self._prepare(optimizer, group, p, row_ids, grad_rows)
+                        jobs[id(p)] = job
                         self.jobs.append(job)
                         for shadow, shadow_state in zip(job.shadows, shadow_states):
                             optimizer.state[shadow] = shadow_state
@@ -253,7 +258,7 @@ class RowSteps:
         if not whole:
             return list(plan.active), list(plan.rows)
         ids = {id(p) for p, _ in whole}
-        for p, grad_rows in whole:
+        for p, grad_rows in {id(p): (p, grad_rows) for p, grad_rows in whole}.values():  # once each
             self._grads.append((p, p.grad))
             p.grad = grad_rows  # every row, in order: the densified grad itself
         order = {id(p): i for i, p in enumerate(group["params"])}

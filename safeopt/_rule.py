@@ -29,6 +29,7 @@ __all__ = [
     "check_flags",
     "check_lazy",
     "fill_flags",
+    "frozen_params",
     "nonzero_flags",
     "plan_step",
 ]
@@ -67,21 +68,46 @@ def _values(grad: Tensor) -> Tensor:
     return grad
 
 
-# Reading one element's bits on the host: an element compares unequal to zero exactly when a
-# bit other than the sign bit is set (NaN, inf and subnormals included; both parts of a complex).
-_PROBE: dict[torch.dtype, tuple[Callable[[int], Any], int]] = {
-    torch.float32: (ctypes.c_uint32.from_address, 0x7FFF_FFFF),
-    torch.float64: (ctypes.c_uint64.from_address, 0x7FFF_FFFF_FFFF_FFFF),
-    torch.float16: (ctypes.c_uint16.from_address, 0x7FFF),
-    torch.bfloat16: (ctypes.c_uint16.from_address, 0x7FFF),
-    torch.complex64: (ctypes.c_uint64.from_address, 0x7FFF_FFFF_7FFF_FFFF),
+# Reading one element's bits on the host, where torch vouches for the memory (``_readable``).
+# An element whose exponent bits are not all zero is a normal number, inf or NaN: nonzero under
+# every setting. One whose exponent bits are zero is a zero or a subnormal, and a subnormal is
+# zero or not as torch compares it (zero under ``torch.set_flush_denormal(True)``, except in
+# float16, which torch's CPU kernels do not flush): those are left to the full check, which
+# compares as torch does, so a grad has one verdict wherever its subnormals sit.
+# dtype -> (reader, the exponent bits of each part, bytes read)
+_PROBE: dict[torch.dtype, tuple[Callable[[int], Any], int, int]] = {
+    torch.float32: (ctypes.c_uint32.from_address, 0x7F80_0000, 4),
+    torch.float64: (ctypes.c_uint64.from_address, 0x7FF0_0000_0000_0000, 8),
+    torch.float16: (ctypes.c_uint16.from_address, 0x7C00, 2),
+    torch.bfloat16: (ctypes.c_uint16.from_address, 0x7F80, 2),
+    torch.complex64: (ctypes.c_uint64.from_address, 0x7F80_0000_7F80_0000, 8),
 }
+
+
+def _readable(grad: Tensor, size: int) -> int:
+    """The address of ``grad``'s first element when its bytes may be read raw on the host, else 0.
+
+    Only for a plain ``torch.Tensor`` (no subclass, whose data may live elsewhere), strided, on
+    the CPU, not empty, whose storage is allocated (a ZeroTensor's, a resized-to-0 storage's and a
+    functional tensor's are not: their data pointer is ``storage_offset * size`` above address 0)
+    and holds the whole element (a storage resized below it does not). Conjugate and negative
+    views qualify: their bits differ from the values only in sign bits, which the probe ignores.
+    ``plan_step`` inlines this check.
+    """
+    if type(grad) is not Tensor or not grad.is_cpu or grad.layout is not torch.strided or not grad.numel():
+        return 0
+    ptr = grad.data_ptr()
+    offset = grad.storage_offset()
+    if ptr == offset * size or (offset + 1) * size > grad.untyped_storage().nbytes():
+        return 0
+    return ptr
 
 
 def _extremes(values: Tensor) -> tuple[Tensor, Tensor] | None:
     """(min, max) of a floating grad's values in one read-only pass; None when that does not apply."""
     if values.is_complex():
-        values = torch.view_as_real(values)
+        # A conjugate view differs from its values only in signs: undo it (a view, no copy).
+        values = torch.view_as_real(values.conj() if values.is_conj() else values)
     if not values.is_floating_point() or not values.numel():
         return None
     return torch.aminmax(values)
@@ -106,18 +132,10 @@ def _surely_nonzero(grad: Tensor) -> bool:
     copy); in a dense gradient it is almost never zero. False means "look closer".
     """
     probe = _PROBE.get(grad.dtype)
-    if (
-        probe is None
-        or FORCE_DEVICE
-        or not grad.is_cpu
-        or type(grad) is not Tensor
-        or grad.layout is not torch.strided
-    ):
+    if probe is None or FORCE_DEVICE:
         return False
-    if not grad.numel():
-        return False
-    read, mask = probe
-    return bool(read(grad.data_ptr()).value & mask)
+    address = _readable(grad, probe[2])
+    return bool(address and probe[0](address).value & probe[1])
 
 
 def _dtensor_type() -> type | None:
@@ -223,6 +241,17 @@ def nonzero_flags(grads: Sequence[Tensor]) -> list[bool]:
     return out
 
 
+def frozen_params(group: dict[str, Any]) -> set[int]:
+    """The ids of the parameters of a group frozen one by one. A parameter held at several
+    positions (torch only warns about duplicates) is frozen when any of them is: it is one
+    parameter, and the freeze API freezes and unfreezes every position together."""
+    positions = group[FROZEN_PARAMS]
+    if not positions:
+        return set()
+    params = group["params"]
+    return {id(params[i]) for i in positions if 0 <= i < len(params)}
+
+
 def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
     """Split every group's parameters into active ones and idle ones that have a grad.
 
@@ -240,7 +269,7 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
         if group[FROZEN]:
             plan.idle_with_grad.extend(p for p in params if p.grad is not None)
             continue
-        frozen_at = set(group[FROZEN_PARAMS])
+        frozen_ids = frozen_params(group)
         lazy = group[LAZY]
         rows = lazy == ROWS
         active, idle, _ = plan
@@ -248,7 +277,7 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
             grad = p.grad
             if grad is None:
                 continue
-            if frozen_at and position in frozen_at:
+            if frozen_ids and id(p) in frozen_ids:
                 idle.append(p)
                 continue
             if (
@@ -259,15 +288,17 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
             ):
                 by_rows.append((len(result) - 1, p, grad))
                 continue
-            if lazy:  # _surely_nonzero, inlined: this line runs for every parameter every step
+            if lazy:  # _surely_nonzero and _readable, inlined: this runs for every parameter every step
                 probe = probe_of(grad.dtype)
                 if not (
                     probe is not None
+                    and type(grad) is Tensor
                     and grad.is_cpu
                     and grad.layout is strided
-                    and type(grad) is Tensor
                     and grad.numel()
-                    and probe[0](grad.data_ptr()).value & probe[1]
+                    and (ptr := grad.data_ptr()) != (offset := grad.storage_offset()) * probe[2]
+                    and (offset + 1) * probe[2] <= grad.untyped_storage().nbytes()
+                    and probe[0](ptr).value & probe[1]
                 ):
                     unsure.append((len(result) - 1, position, p, grad))
                     continue

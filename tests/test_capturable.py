@@ -66,7 +66,9 @@ def host_reads() -> Iterator[list[str]]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.Tensor, "tolist", counted_tolist)
-        patch.setattr(_rule, "_PROBE", {k: (counted(read), mask) for k, (read, mask) in _rule._PROBE.items()})
+        patch.setattr(
+            _rule, "_PROBE", {k: (counted(read), *rest) for k, (read, *rest) in _rule._PROBE.items()}
+        )
         with _DispatchReads(seen):
             yield seen
 

@@ -346,6 +346,17 @@ class OptimizerMachine(RuleBasedStateMachine):
         like_param = data.draw(st.booleans(), label="grads laid out like their params")
         gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="grad seed"))
         grads = [self._grad(p, kind, gen, like_param=like_param) for p, kind in zip(self.params, kinds)]
+        for i, kind in enumerate(kinds):
+            # A zero grad in a lazy group may come as a ZeroTensor: no storage, so never read raw.
+            # (In a lazy=False group torch steps it, and some of torch's kernels refuse it.)
+            if (
+                kind == "zero"
+                and self.group_lazy[self.group_of[i]]
+                and data.draw(st.booleans(), label=f"param {i}: the zero grad is a ZeroTensor")
+            ):
+                grads[i] = torch._efficientzerotensor(
+                    self.params[i].shape, dtype=self.dtype, device=self.device
+                )
         calls: list[bool] = []  # grad mode of each call of the closure
         loss = torch.tensor(float(self.steps))
 
@@ -357,7 +368,11 @@ class OptimizerMachine(RuleBasedStateMachine):
 
         set_grads()
         active = [
-            harness.expected_active(grad, self.frozen(i), self.group_lazy[self.group_of[i]])
+            harness.expected_active(
+                grad if grad is None else grad.clone(),  # a ZeroTensor's clone has storage to read
+                self.frozen(i),
+                self.group_lazy[self.group_of[i]],
+            )
             for i, grad in enumerate(grads)
         ]
         note(f"{label} {self.steps}: grads {kinds}, active {active}")
