@@ -28,7 +28,7 @@ from safeopt._wrap import wrap
 if TYPE_CHECKING:
     from torch.utils.benchmark import Compare, Measurement
 
-__all__ = ["BenchReport", "BenchRow", "bench"]
+__all__ = ["BenchReport", "BenchRow", "Launches", "bench", "count_launches"]
 
 IdleBy = Literal["zero", "freeze", "rows"]
 Factory = Callable[[list[nn.Parameter]], Optimizer]
@@ -355,3 +355,58 @@ def _syncs(step: Callable[[], Any], device: torch.device) -> int | None:
         finally:
             torch.cuda.set_sync_debug_mode(previous)
     return sum("synchroniz" in str(w.message) for w in caught)
+
+
+#: aten ops that copy tensor data to the host. ``Tensor.tolist`` is counted too (on the CPU it
+#: reads memory without the dispatcher); on an accelerator each of these is a synchronisation.
+HOST_READS = frozenset(
+    {"aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default", "aten.equal.default"}
+)
+#: Allocations: no kernel on an accelerator.
+_NO_KERNEL = frozenset({"aten.empty.memory_format", "aten.empty_strided.default"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Launches:
+    """What one step asks of an accelerator, counted on any device: the aten ops that are not
+    views (each at least one kernel launch on a GPU) and the reads of tensor data on the host."""
+
+    launches: int
+    reads: int
+    ops: dict[str, int]  #: the launches by aten op
+
+
+def count_launches(step: Callable[[], Any]) -> Launches:
+    """Run ``step()`` once and count its kernel launches and host reads (a ``TorchDispatchMode``).
+
+    Counted on the CPU, a step's launches are those a GPU would run for the same decisions: an
+    op's CPU kernel loops over a list where the CUDA one launches one multi-tensor kernel, and
+    each counts once either way. Ops that decompose before dispatch are counted as their parts.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops: dict[str, int] = {}
+    reads = [0]
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            name = str(func)
+            if name in HOST_READS:
+                reads[0] += 1
+            elif not func.is_view and name not in _NO_KERNEL and not name.startswith("profiler."):
+                ops[name] = ops.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    tolist = Tensor.tolist
+
+    def counted_tolist(self: Tensor) -> Any:
+        reads[0] += 1
+        return tolist(self)
+
+    Tensor.tolist = counted_tolist  # type: ignore[method-assign,assignment]  # restored below; CPU tolist bypasses the dispatcher
+    try:
+        with Counter():
+            step()
+    finally:
+        Tensor.tolist = tolist  # type: ignore[method-assign]  # restoring torch's own
+    return Launches(sum(ops.values()), reads[0], ops)

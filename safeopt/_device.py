@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["decidable", "nonzero", "probe"]
+__all__ = ["decidable", "found_inf", "nonzero", "probe"]
 
 
 def decidable(grad: Tensor) -> bool:
@@ -62,6 +62,33 @@ def nonzero(grads: Sequence[Tensor]) -> list[Tensor]:
             flags = torch.stack(torch._foreach_norm(group, ord=1)).ne(0)
         else:  # integer or bool grads: rare enough for one reduction each
             flags = torch.stack([v.ne(0).any() for v in group])
+        for i, flag in zip(members, flags.unbind()):
+            out[i] = flag
+    return out  # type: ignore[return-value]  # every position was filled
+
+
+def found_inf(grads: Sequence[Tensor], otherwise: Tensor | None) -> list[Tensor]:
+    """For each grad, the ``found_inf`` a fused optimizer call of its own takes: a 0-d float32
+    tensor on the grad's device, 1.0 where every element is zero (as ``nonzero`` decides), else
+    ``otherwise`` (a GradScaler's found_inf) or 0.0.
+
+    Four kernels per device and dtype (norms, stack, compare, select); nothing read on the host.
+    """
+    values = [_values(g) for g in grads]
+    out: list[Tensor | None] = [None] * len(grads)
+    on_device: dict[torch.device, Tensor] = {}
+    for (device, dtype), members in _by_kind(values).items():
+        group = [values[i] for i in members]
+        if dtype.is_floating_point:
+            zero = torch.stack(torch._foreach_norm(group, ord=1)).eq(0)
+        else:  # integer or bool grads: rare enough for one reduction each
+            zero = torch.stack([v.ne(0).any() for v in group]).logical_not()
+        if otherwise is None:
+            flags = zero.to(torch.float32)
+        else:
+            if device not in on_device:
+                on_device[device] = otherwise.to(device, torch.float32)
+            flags = torch.where(zero, 1.0, on_device[device])
         for i, flag in zip(members, flags.unbind()):
             out[i] = flag
     return out  # type: ignore[return-value]  # every position was filled
