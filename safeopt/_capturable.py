@@ -12,8 +12,8 @@ parameter with a grad stays in torch's step and decides for itself on the device
   grad (``lazy=False``) share one call.
 - With torch's own Adam/AdamW step, those calls are made here with torch's kernel, at the floor:
   torch's ``_init_group`` once per group, one kernel call per parameter whose grad may be zero, and
-  the step counts of all of them advanced in one ``_foreach_add_`` and corrected in one
-  ``_foreach_sub_`` (N + a constant kernel launches). Any other fused step (SGD, a subclass's own
+  the step counts of all of them advanced (by one minus their ``found_inf``) in one
+  ``_foreach_add_`` (N + a constant kernel launches). Any other fused step (SGD, a subclass's own
   ``step``, a step being compiled) runs torch's whole step once per such parameter.
 - Frozen parameters and parameters without a grad are known on the host and left out, as torch
   leaves out grad-less ones. A captured graph replays the set of its capture: freeze, unfreeze or
@@ -25,6 +25,7 @@ parameter with a grad stays in torch's step and decides for itself on the device
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -38,8 +39,8 @@ from safeopt._torch_compat import (
     MOMENTUM_BUFFER,
     allocate_state,
     capture_health_check,
-    fused_adam,
     fused_adam_kernel,
+    fused_adam_options,
     gather,
     skips_by_found_inf,
 )
@@ -86,7 +87,7 @@ def plan(
             if position in frozen_at:
                 entry.frozen.append(p)
                 continue
-            if group[_rule.LAZY] and _device.decidable(grad):
+            if group[_rule.LAZY] and grad.device.type != "meta":  # _device.decidable, inlined
                 entry.flagged.append(p)
             else:
                 entry.always.append(p)
@@ -161,7 +162,7 @@ def _torch_steps(
     groups = optimizer.param_groups
     flagged = [p for entry in plans for p in entry.flagged]
     scaler_found_inf = getattr(optimizer, "found_inf", None)
-    skips = _device.found_inf([p.grad for p in flagged], scaler_found_inf)  # type: ignore[misc]  # each has a grad
+    skips, _ = _device.found_inf([p.grad for p in flagged], scaler_found_inf)  # type: ignore[misc]  # each has a grad
     calls: list[tuple[list[list[Tensor]], Tensor | None]] = []
     if any(entry.always for entry in plans):
         calls.append(([entry.always for entry in plans], scaler_found_inf))
@@ -210,78 +211,94 @@ def _fused_adam_step(
     """torch's fused Adam/AdamW step at its floor: torch's ``_init_group`` once per group, one
     fused kernel call per parameter whose grad may be zero (with its own ``found_inf``), one for
     the rest of each group per device and dtype, and every step count advanced in one
-    ``_foreach_add_`` and corrected in one ``_foreach_sub_`` per device and dtype.
+    ``_foreach_add_``: N + a constant kernel launches, no host read.
 
-    The same kernels with the same arguments as ``torch.optim.adam._fused_adam``, which advances
-    each call's step counts by one before the kernel and takes its ``found_inf`` off them after:
-    the kernel updates every tensor of a call on its own, so the calls split and the bookkeeping
-    merged give torch's bits.
+    The same kernels with the same arguments as ``torch.optim.adam._fused_adam``: the kernel
+    updates every tensor of a call on its own, so the calls split give torch's bits.
     """
     capture_health_check(optimizer)
     scaler_found_inf = getattr(optimizer, "found_inf", None)
     grad_scale = _OnDevice(getattr(optimizer, "grad_scale", None))
     found_inf = _OnDevice(scaler_found_inf)
-    gathered: list[tuple[dict[str, Any], Callable[..., None], _Group, list[list[Tensor]]]] = []
+    gathered: list[tuple[dict[str, Any], Callable[..., None], int, list[list[Tensor]]]] = []
+    flagged_grads: list[Tensor] = []
     for group, entry, kernel in zip(optimizer.param_groups, plans, kernels):
         if kernel is not None and (entry.always or entry.flagged):
             named = gather(optimizer, group, entry.always + entry.flagged)
-            gathered.append((group, kernel, entry, [named[name] for name in ADAM_LISTS]))  # type: ignore[index]  # fused_adam_kernel checked the class
-    skips = iter(
-        _device.found_inf(
-            [p.grad for _, _, entry, _ in gathered for p in entry.flagged],  # type: ignore[misc]  # each has a grad
-            scaler_found_inf,
-        )
-    )
-    # (kernel, group, lists, device, found_inf); the step counts of each call, with what to take off them
-    calls: list[
-        tuple[Callable[..., None], dict[str, Any], list[list[Tensor]], torch.device, Tensor | None]
-    ] = []
-    for group, kernel, entry, lists in gathered:
-        always = len(entry.always)
+            lists = [named[name] for name in ADAM_LISTS]  # type: ignore[index]  # fused_adam_kernel checked the class
+            gathered.append((group, kernel, len(entry.always), lists))
+            flagged_grads += lists[1][len(entry.always) :]
+    skips, advances = _device.found_inf(flagged_grads, scaler_found_inf)
+    # Every call: the kernel with the group's options, its lists, lr, grad_scale and found_inf.
+    # torch's _fused_adam advances a call's step counts by one before the kernel and takes its
+    # found_inf off them after; a kernel that skips reads no count, so each count is advanced by
+    # one minus its call's found_inf instead, every count in one multi-tensor op (one launch on
+    # one device; torch's foreach ops take several devices too).
+    calls: list[tuple[Callable[..., None], list[list[Tensor]], Any, Tensor | None, Tensor | None]] = []
+    counts: list[Tensor] = []  # the step counts advanced by one
+    flagged_counts: list[Tensor] = []  # those advanced by one minus their found_inf (advances)
+    flagged_advances: list[Tensor] = []
+    k = 0
+    for group, kernel, always, lists in gathered:
+        call = functools.partial(kernel, **fused_adam_options(group))
+        lr = group["lr"]
+        # _fused_adam moves only an accelerator lr to each device
+        lr_on = _OnDevice(lr) if isinstance(lr, Tensor) and lr.device.type != "cpu" else None
         kinds: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, p in enumerate(entry.always):
+        for i, p in enumerate(lists[0][:always]):
             kinds.setdefault((p.device, p.dtype), []).append(i)
         for (device, _), members in kinds.items():
-            calls.append(
-                (
-                    kernel,
-                    group,
-                    [[t[i] for i in members] if t else [] for t in lists],
-                    device,
-                    found_inf.on(device),
+            some = [[t[i] for i in members] if t else [] for t in lists]
+            skip = found_inf.on(device)
+            calls.append((call, some, lr if lr_on is None else lr_on.on(device), grad_scale.on(device), skip))
+            if skip is None:
+                counts += some[-1]
+            else:
+                flagged_counts += some[-1]
+                flagged_advances += [1 - skip] * len(members)
+        n = len(lists[0]) - always
+        flags = skips[k : k + n]
+        flagged_advances += advances[k : k + n]
+        k += n
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = (t[always:] for t in lists)
+        flagged_counts += steps
+        per_device = lr_on is not None or grad_scale.value is not None
+        for p, g, m, v, mx, count, skip in zip(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or steps, steps, flags
+        ):
+            one = [
+                [p],
+                [g],
+                [m],
+                [v],
+                [mx] if max_exp_avg_sqs else [],
+                [count],
+            ]  # mx: a stand-in without amsgrad
+            if per_device:
+                device = skip.device
+                calls.append(
+                    (call, one, lr if lr_on is None else lr_on.on(device), grad_scale.on(device), skip)
                 )
-            )
-        for i, p in enumerate(entry.flagged, start=always):
-            calls.append((kernel, group, [[t[i]] if t else [] for t in lists], p.device, next(skips)))
-    # By device and dtype: every step count; those a found_inf is taken off, and that found_inf.
-    steps: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
-    for _, _, lists, _, skip in calls:
-        for count in lists[-1]:
-            counts, corrected, taken = steps.setdefault((count.device, count.dtype), ([], [], []))
-            counts.append(count)
-            if skip is not None:
-                corrected.append(count)
-                taken.append(skip)
+            else:
+                calls.append((call, one, lr, None, skip))
     with torch.no_grad():
-        for counts, _, _ in steps.values():
+        if counts:
             torch._foreach_add_(counts, 1)
-        lrs: dict[int, _OnDevice] = {}
+        if flagged_counts:
+            torch._foreach_add_(flagged_counts, flagged_advances)
         done = 0
         try:
-            for kernel, group, lists, device, skip in calls:
-                lr = group["lr"]
-                if (
-                    isinstance(lr, Tensor) and lr.device.type != "cpu"
-                ):  # _fused_adam moves only an accelerator lr
-                    lr = lrs.setdefault(id(group), _OnDevice(lr)).on(device)
-                fused_adam(kernel, group, lists, lr=lr, grad_scale=grad_scale.on(device), found_inf=skip)
+            for kernel_call, one, lr, scale, skip in calls:
+                kernel_call(*one, lr=lr, grad_scale=scale, found_inf=skip)
                 done += 1
         except BaseException:
             # The parameters whose call did not run keep their step counts (those already
             # stepped keep their update, as after torch's step failing on a later device).
-            for _, _, lists, _, _ in calls[done:]:
-                torch._foreach_sub_(lists[-1], 1)
+            pending = {id(count) for _, one, _, _, _ in calls[done:] for count in one[-1]}
+            for c in counts:
+                if id(c) in pending:
+                    c.sub_(1)
+            for c, a in zip(flagged_counts, flagged_advances):
+                if id(c) in pending:
+                    c.sub_(a)
             raise
-        for _, corrected, taken in steps.values():
-            if taken:
-                torch._foreach_sub_(corrected, taken)

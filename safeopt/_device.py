@@ -67,15 +67,18 @@ def nonzero(grads: Sequence[Tensor]) -> list[Tensor]:
     return out  # type: ignore[return-value]  # every position was filled
 
 
-def found_inf(grads: Sequence[Tensor], otherwise: Tensor | None) -> list[Tensor]:
-    """For each grad, the ``found_inf`` a fused optimizer call of its own takes: a 0-d float32
-    tensor on the grad's device, 1.0 where every element is zero (as ``nonzero`` decides), else
-    ``otherwise`` (a GradScaler's found_inf) or 0.0.
+def found_inf(grads: Sequence[Tensor], otherwise: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+    """For each grad, the ``found_inf`` a fused optimizer call of its own takes, and one minus it:
+    0-d float32 tensors on the grad's device; ``found_inf`` is 1.0 where every element is zero
+    (as ``nonzero`` decides), else ``otherwise`` (a GradScaler's found_inf) or 0.0.
 
-    Four kernels per device and dtype (norms, stack, compare, select); nothing read on the host.
+    Five kernels per device and dtype (norms, stack, compare, select, subtract); nothing is read
+    on the host.
     """
-    values = [_values(g) for g in grads]
-    out: list[Tensor | None] = [None] * len(grads)
+    strided = torch.strided
+    values = [g if g.layout is strided and not g.is_complex() else _values(g) for g in grads]
+    skips: list[Tensor | None] = [None] * len(grads)
+    advances: list[Tensor | None] = [None] * len(grads)
     on_device: dict[torch.device, Tensor] = {}
     for (device, dtype), members in _by_kind(values).items():
         group = [values[i] for i in members]
@@ -89,9 +92,10 @@ def found_inf(grads: Sequence[Tensor], otherwise: Tensor | None) -> list[Tensor]
             if device not in on_device:
                 on_device[device] = otherwise.to(device, torch.float32)
             flags = torch.where(zero, 1.0, on_device[device])
-        for i, flag in zip(members, flags.unbind()):
-            out[i] = flag
-    return out  # type: ignore[return-value]  # every position was filled
+        for i, flag, advance in zip(members, flags.unbind(), (1 - flags).unbind()):
+            skips[i] = flag
+            advances[i] = advance
+    return skips, advances  # type: ignore[return-value]  # every position was filled
 
 
 def probe(grads: Sequence[Tensor]) -> list[Tensor]:

@@ -24,8 +24,8 @@ __all__ = [
     "allocate_state",
     "batches",
     "capture_health_check",
-    "fused_adam",
     "fused_adam_kernel",
+    "fused_adam_options",
     "gather",
     "saved_as_is",
     "skips_by_found_inf",
@@ -246,7 +246,7 @@ def fused_adam_kernel(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -
     The kernel updates each tensor of its lists on its own and skips the whole call on the device
     when ``found_inf`` holds 1; ``torch.optim.adam._fused_adam`` advances the step counts by one
     before it and takes ``found_inf`` off them after. ``tests/test_torch_compat.py`` checks that
-    ``gather`` + ``fused_adam`` with that step bookkeeping equals torch's step, bit for bit.
+    ``gather`` + the kernel with ``fused_adam_options`` and that step bookkeeping equals torch's step, bit for bit.
     """
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) or group.get("fused") is not True:
         return None
@@ -271,30 +271,20 @@ def fused_adam_kernel(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -
     return torch._fused_adamw_ if decoupled else torch._fused_adam_
 
 
-def fused_adam(
-    kernel: Callable[..., None],
-    group: dict[str, Any],
-    lists: list[list[torch.Tensor]],
-    *,
-    lr: float | torch.Tensor,
-    grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-) -> None:
-    """One call of torch's fused Adam kernel on ``lists`` (the ``ADAM_LISTS``, one device and
-    dtype), with the group's hyperparameters as ``torch.optim.adam._fused_adam`` passes them."""
+def fused_adam_options(group: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of torch's fused Adam kernel for this group but ``lr``, ``grad_scale``
+    and ``found_inf``, as ``torch.optim.adam._fused_adam`` passes them. A call is then
+    ``kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=...,
+    grad_scale=..., found_inf=..., **options)``, the lists of one device and dtype."""
     beta1, beta2 = group["betas"]
-    kernel(
-        *lists,
-        amsgrad=group["amsgrad"],
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=group["weight_decay"],
-        eps=group["eps"],
-        maximize=group["maximize"],
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
+    return {
+        "amsgrad": group["amsgrad"],
+        "beta1": beta1,
+        "beta2": beta2,
+        "weight_decay": group["weight_decay"],
+        "eps": group["eps"],
+        "maximize": group["maximize"],
+    }
 
 
 def capture_health_check(optimizer: torch.optim.Optimizer) -> None:

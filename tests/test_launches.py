@@ -98,8 +98,8 @@ def test_capturable_step_launches_one_kernel_per_tensor_and_reads_nothing(
     cls: str, idle: set[int], amsgrad: bool
 ) -> None:
     """The floor of a per-tensor skip with torch's kernels: one fused call per tensor whose grad
-    may be zero; the step counts advanced and corrected in one multi-tensor op each; the skip
-    flags in a constant number of kernels. Before: three launches per tensor (torch's whole step
+    may be zero; the step counts advanced (by one minus each call's found_inf) in one
+    multi-tensor op; the skip flags in a constant number of kernels. Before: three launches per tensor (torch's whole step
     per tensor)."""
     opt, ref, params, ref_params = _twins(cls, "fused+capturable", idle, amsgrad)
     theirs = count_launches(ref.step)
@@ -109,7 +109,7 @@ def test_capturable_step_launches_one_kernel_per_tensor_and_reads_nothing(
     assert ours.launches <= theirs.launches + N + 8, f"{ours.launches} launches: {ours.ops}"
     kernel = "aten._fused_adamw_.default" if cls == "AdamW" else "aten._fused_adam_.default"
     assert ours.ops[kernel] == N
-    assert ours.ops["aten._foreach_add_.Scalar"] == 1 and ours.ops["aten._foreach_sub_.List"] == 1
+    assert ours.ops["aten._foreach_add_.List"] == 1, "the step counts not advanced in one op"
     _check_result(opt, ref, params, ref_params, idle, before)
 
 

@@ -28,8 +28,8 @@ from safeopt._torch_compat import (
     allocate_state,
     batches,
     capture_health_check,
-    fused_adam,
     fused_adam_kernel,
+    fused_adam_options,
     gather,
     saved_as_is,
     skips_by_found_inf,
@@ -282,7 +282,7 @@ def test_fused_adam_kernel_is_found_for_torchs_own_fused_step_only() -> None:
 def test_fused_kernel_per_tensor_with_merged_step_counts_is_torchs_step(
     cls: type, amsgrad: bool, scaler: float | None, tensor_lr: bool
 ) -> None:
-    """``gather`` + one ``fused_adam`` call per tensor, step counts advanced before and
+    """``gather`` + one kernel call per tensor (``fused_adam_options``), step counts advanced before and
     ``found_inf`` taken off after (as ``torch.optim.adam._fused_adam`` does per call), equals
     torch's step, bit for bit: the capturable step's construction."""
     shapes = [(3, 2), (4,), (2, 2, 2)]
@@ -308,13 +308,12 @@ def test_fused_kernel_per_tensor_with_merged_step_counts_is_torchs_step(
         found_inf = getattr(opt, "found_inf", None)
         torch._foreach_add_(tensors[-1], 1)
         for i in range(len(mine)):
-            fused_adam(
-                kernel,
-                group,
-                [[t[i]] if t else [] for t in tensors],
+            kernel(
+                *[[t[i]] if t else [] for t in tensors],
                 lr=group["lr"],
                 grad_scale=getattr(opt, "grad_scale", None),
                 found_inf=found_inf,
+                **fused_adam_options(group),
             )
         if found_inf is not None:
             torch._foreach_sub_(tensors[-1], [found_inf] * len(mine))
