@@ -164,3 +164,20 @@ def test_the_counter_counts_launches_and_reads() -> None:
     t = torch.ones(3)
     counted = count_launches(lambda: (t[0].item(), t.tolist(), t.view(3, 1), t.add(1)))
     assert (counted.launches, counted.reads, counted.ops) == (1, 2, {"aten.add.Tensor": 1})
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+@pytest.mark.parametrize("idle", [set(), HALF_IDLE], ids=["all-active", "half-idle"])
+def test_eager_device_decision_at_its_floor(
+    monkeypatch: pytest.MonkeyPatch, impl: str, idle: set[int]
+) -> None:
+    """One device, one dtype: the probe round is one stack of the first elements, read; the full
+    round (only with idle grads) one ``_foreach_norm`` and one stack, read. The flags are compared
+    with zero on the host, not by a kernel each round. Before: 3 and 4 more launches."""
+    monkeypatch.setattr(_rule, "FORCE_DEVICE", True)
+    opt, ref, _, _ = _twins("AdamW", impl, idle)
+    theirs = count_launches(ref.step)
+    ours = count_launches(opt.step)
+    decision = {"aten.stack.default": 2 if idle else 1, **({"aten._foreach_norm.Scalar": 1} if idle else {})}
+    extra = {op: ours.ops.get(op, 0) - theirs.ops.get(op, 0) for op in set(ours.ops) | set(theirs.ops)}
+    assert {op: n for op, n in extra.items() if n} == decision, f"{ours.ops} against torch's {theirs.ops}"
