@@ -181,3 +181,38 @@ def test_eager_device_decision_at_its_floor(
     decision = {"aten.stack.default": 2 if idle else 1, **({"aten._foreach_norm.Scalar": 1} if idle else {})}
     extra = {op: ours.ops.get(op, 0) - theirs.ops.get(op, 0) for op in set(ours.ops) | set(theirs.ops)}
     assert {op: n for op, n in extra.items() if n} == decision, f"{ours.ops} against torch's {theirs.ops}"
+
+
+@pytest.mark.parametrize("found_inf", [0.0, 1.0])
+def test_capturable_lazy_false_group_beside_flagged_ones_with_a_grad_scaler(found_inf: float) -> None:
+    """A lazy=False group's parameters share one kernel call with the GradScaler's found_inf (its
+    step counts advanced by one minus it), beside the per-tensor calls of a lazy group: torch's
+    result either way, nothing moved on an inf step."""
+    params = harness.make_params([(3,), (4, 2), (2,), (5,)])
+    ref_params = [nn.Parameter(p.detach().clone()) for p in params]
+    kwargs = {"lr": 0.1, "weight_decay": 0.1, "fused": True, "capturable": True}
+    opt = safeopt.AdamW([{"params": params[:2], "lazy": False}, {"params": params[2:]}], **kwargs)
+    ref = torch.optim.AdamW([{"params": ref_params[:2]}, {"params": ref_params[2:]}], **kwargs)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        grads = [
+            torch.zeros(3),
+            harness.make_grad(params[1], "dense", gen),
+            harness.make_grad(params[2], "dense", gen),
+        ]
+        grads.append(torch.zeros(5) if step != 1 else harness.make_grad(params[3], "dense", gen))
+        for p, q, g in zip(params, ref_params, grads):
+            p.grad, q.grad = g, g.clone()  # type: ignore[union-attr]  # every grad is a tensor here
+        if step != 1:
+            ref_params[3].grad = None  # idle under the lazy rule
+        for o in (opt, ref):
+            o.grad_scale = torch.tensor(2.0)  # type: ignore[attr-defined]  # GradScaler's attributes
+            o.found_inf = torch.tensor(found_inf if step == 2 else 0.0)  # type: ignore[attr-defined]
+        before = harness.snapshot(opt, params)
+        counted = count_launches(opt.step)
+        ref.step()
+        assert counted.reads == 0
+        assert counted.ops["aten._fused_adamw_.default"] == 3, counted.ops  # lazy=False group, then one each
+        harness.assert_matches_reference(opt, params, ref, ref_params, range(4), f"step {step}")
+        if step == 2 and found_inf:
+            harness.assert_unchanged(before, opt, params, range(4), "inf step")
