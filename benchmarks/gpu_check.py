@@ -14,7 +14,10 @@ parameter active, or the last 6 of the 12 blocks with all-zero grads; for foreac
 fused+capturable and a CUDA graph replaying a captured fused+capturable step. Each figure is the
 ratio safeopt / torch with the same arguments, torch stepping every parameter with the same grads,
 timed with CUDA events over interleaved rounds in one process (median of the per-round ratios).
-"Syncs" is the number of host synchronisations one safeopt step makes (torch's sync debug mode).
+"Syncs" is the number of host synchronisations one safeopt step makes (torch's sync debug mode);
+"launches / reads" the aten ops that are not views and the host reads of one step of each side
+(``safeopt._bench.count_launches``; a graph replay is one graph launch with the captured step's
+kernels in it, so it is counted as the eager capturable step).
 """
 
 from __future__ import annotations
@@ -36,9 +39,15 @@ from typing import Any
 import torch
 
 import safeopt
+from safeopt._bench import count_launches
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_cuda.py", "tests/test_capturable.py", "tests/test_properties.py"]
+TESTS = [
+    "tests/test_cuda.py",
+    "tests/test_capturable.py",
+    "tests/test_properties.py",
+    "tests/test_launches.py",
+]
 
 
 def gpt2_shapes(
@@ -150,6 +159,8 @@ def measure(
     torch_opt = torch.optim.AdamW(theirs.params, **kwargs)
     safe_opt.step()  # state allocation outside the count
     syncs = None if graph else _syncs(safe_opt, device)
+    torch_opt.step()
+    counted = {"safeopt": count_launches(safe_opt.step), "torch": count_launches(torch_opt.step)}
     runs = {"safeopt": _stepper(safe_opt, graph, device), "torch": _stepper(torch_opt, graph, device)}
     ratios: list[float] = []
     times: dict[str, list[float]] = {"safeopt": [], "torch": []}
@@ -167,6 +178,8 @@ def measure(
         "safeopt_ms": 1e3 * statistics.median(times["safeopt"]),
         "ratio": statistics.median(ratios),
         "syncs_per_step": syncs,
+        **{f"{who}_launches": c.launches for who, c in counted.items()},
+        **{f"{who}_reads": c.reads for who, c in counted.items()},
     }
 
 
@@ -204,14 +217,18 @@ def markdown(result: dict[str, Any]) -> str:
             f"{result['tensors']} tensors, {result['parameters'] / 1e6:.1f}M parameters (AdamW)."
         ),
         "",
-        "| dtype | impl | idle tensors | torch ms | safeopt ms | ratio | syncs/step |",
-        "|---|---|---|---|---|---|---|",
+        (
+            "| dtype | impl | idle tensors | torch ms | safeopt ms | ratio | syncs/step | "
+            "launches / reads torch | safeopt |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         syncs = "-" if row["syncs_per_step"] is None else str(row["syncs_per_step"])
         lines.append(
             f"| {row['dtype']} | {row['impl']} | {row['idle_tensors']} | {row['torch_ms']:.3f} | "
-            f"{row['safeopt_ms']:.3f} | {row['ratio']:.2f} | {syncs} |"
+            f"{row['safeopt_ms']:.3f} | {row['ratio']:.2f} | {syncs} | "
+            f"{row['torch_launches']} / {row['torch_reads']} | {row['safeopt_launches']} / {row['safeopt_reads']} |"
         )
     return "\n".join(lines) + "\n"
 

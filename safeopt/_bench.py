@@ -28,7 +28,7 @@ from safeopt._wrap import wrap
 if TYPE_CHECKING:
     from torch.utils.benchmark import Compare, Measurement
 
-__all__ = ["BenchReport", "BenchRow", "bench"]
+__all__ = ["BenchReport", "BenchRow", "Launches", "bench", "count_launches"]
 
 IdleBy = Literal["zero", "freeze", "rows"]
 Factory = Callable[[list[nn.Parameter]], Optimizer]
@@ -53,6 +53,9 @@ class BenchRow:
     extra_mb_safeopt: float | None
     syncs_torch: int | None  #: host synchronisations in one step (CUDA only, else None)
     syncs_safeopt: int | None
+    #: kernel launches and host reads of one step (:func:`count_launches`; any device)
+    launches_torch: Launches | None = None
+    launches_safeopt: Launches | None = None
 
     @property
     def torch_ms(self) -> float:
@@ -89,18 +92,25 @@ class BenchReport:
         lines = [
             (
                 f"safeopt / torch: median over {self.rounds} interleaved rounds; extra MB: memory a step "
-                "allocates beyond parameters, grads and state; host syncs: in one step (CUDA only)"
+                "allocates beyond parameters, grads and state; host syncs: in one step (CUDA only); "
+                "launches/reads: aten ops that are not views and host reads in one step"
             ),
             (
                 f"{'':<{width}} {'safeopt/torch':>13} {'extra MB torch':>15} {'extra MB safeopt':>17} "
-                f"{'syncs torch':>12} {'syncs safeopt':>14}"
+                f"{'syncs torch':>12} {'syncs safeopt':>14} {'launches/reads torch':>21} "
+                f"{'launches/reads safeopt':>23}"
             ),
         ]
+
+        def counted(c: Launches | None) -> str:
+            return "-" if c is None else f"{c.launches}/{c.reads}"
+
         for r in self.rows:
             lines.append(
                 f"{r.torch.sub_label:<{width}} {r.ratio:>13.2f} {cell(r.extra_mb_torch, '.1f'):>15} "
                 f"{cell(r.extra_mb_safeopt, '.1f'):>17} {cell(r.syncs_torch, 'd'):>12} "
-                f"{cell(r.syncs_safeopt, 'd'):>14}"
+                f"{cell(r.syncs_safeopt, 'd'):>14} {counted(r.launches_torch):>21} "
+                f"{counted(r.launches_safeopt):>23}"
             )
         return str(self.compare()).rstrip() + "\n\n" + "\n".join(lines)
 
@@ -143,7 +153,8 @@ def bench(
     of steps of both, about ``min_run_time`` seconds per side in all. ``ratio`` is the median of
     the per-round ratios. ``memory``: also measure what one step allocates (CUDA: peak allocated;
     CPU: from ``torch.profiler``). On CUDA, host synchronisations in one step are counted with
-    ``torch.cuda.set_sync_debug_mode("warn")``. Prints the table unless ``verbose=False``.
+    ``torch.cuda.set_sync_debug_mode("warn")``; on any device, the kernel launches and host reads
+    of one step with :func:`count_launches`. Prints the table unless ``verbose=False``.
     """
     if idle_by not in ("zero", "freeze", "rows"):
         raise ValueError(f'Invalid idle_by: {idle_by!r}; expected "zero", "freeze" or "rows"')
@@ -302,6 +313,8 @@ def _measure(
         _extra_mb(steps["safeopt"], device) if memory else None,
         _syncs(steps["torch"], device),
         _syncs(steps["safeopt"], device),
+        count_launches(steps["torch"]),
+        count_launches(steps["safeopt"]),
     )
     del ref, mine, steps, timers
     for p in params:
@@ -355,3 +368,58 @@ def _syncs(step: Callable[[], Any], device: torch.device) -> int | None:
         finally:
             torch.cuda.set_sync_debug_mode(previous)
     return sum("synchroniz" in str(w.message) for w in caught)
+
+
+#: aten ops that copy tensor data to the host. ``Tensor.tolist`` is counted too (on the CPU it
+#: reads memory without the dispatcher); on an accelerator each of these is a synchronisation.
+HOST_READS = frozenset(
+    {"aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default", "aten.equal.default"}
+)
+#: Allocations: no kernel on an accelerator.
+_NO_KERNEL = frozenset({"aten.empty.memory_format", "aten.empty_strided.default"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Launches:
+    """What one step asks of an accelerator, counted on any device: the aten ops that are not
+    views (each at least one kernel launch on a GPU) and the reads of tensor data on the host."""
+
+    launches: int
+    reads: int
+    ops: dict[str, int]  #: the launches by aten op
+
+
+def count_launches(step: Callable[[], Any]) -> Launches:
+    """Run ``step()`` once and count its kernel launches and host reads (a ``TorchDispatchMode``).
+
+    Counted on the CPU, a step's launches are those a GPU would run for the same decisions: an
+    op's CPU kernel loops over a list where the CUDA one launches one multi-tensor kernel, and
+    each counts once either way. Ops that decompose before dispatch are counted as their parts.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops: dict[str, int] = {}
+    reads = [0]
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            name = str(func)
+            if name in HOST_READS:
+                reads[0] += 1
+            elif not func.is_view and name not in _NO_KERNEL and not name.startswith("profiler."):
+                ops[name] = ops.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    tolist = Tensor.tolist
+
+    def counted_tolist(self: Tensor) -> Any:
+        reads[0] += 1
+        return tolist(self)
+
+    Tensor.tolist = counted_tolist  # type: ignore[method-assign,assignment]  # restored below; CPU tolist bypasses the dispatcher
+    try:
+        with Counter():
+            step()
+    finally:
+        Tensor.tolist = tolist  # type: ignore[method-assign]  # restoring torch's own
+    return Launches(sum(ops.values()), reads[0], ops)

@@ -10,6 +10,11 @@ parameter with a grad stays in torch's step and decides for itself on the device
   is zero, and otherwise the ``found_inf`` a GradScaler passed (or 0): an active parameter gets
   exactly torch's update, an idle one is not touched. Parameters that are active whatever their
   grad (``lazy=False``) share one call.
+- With torch's own Adam/AdamW step, those calls are made here with torch's kernel, at the floor:
+  torch's ``_init_group`` once per group, one kernel call per parameter whose grad may be zero, and
+  the step counts of all of them advanced (by one minus their ``found_inf``) in one
+  ``_foreach_add_`` (N + a constant kernel launches). Any other fused step (SGD, a subclass's own
+  ``step``, a step being compiled) runs torch's whole step once per such parameter.
 - Frozen parameters and parameters without a grad are known on the host and left out, as torch
   leaves out grad-less ones. A captured graph replays the set of its capture: freeze, unfreeze or
   a grad set to None after capture needs a new capture.
@@ -20,6 +25,7 @@ parameter with a grad stays in torch's step and decides for itself on the device
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +34,16 @@ from torch import Tensor
 
 from safeopt import _device, _rule
 from safeopt._row_rule import ROWS
-from safeopt._torch_compat import MOMENTUM_BUFFER, allocate_state, skips_by_found_inf
+from safeopt._torch_compat import (
+    ADAM_LISTS,
+    MOMENTUM_BUFFER,
+    allocate_state,
+    capture_health_check,
+    fused_adam_kernel,
+    fused_adam_options,
+    gather,
+    skips_by_found_inf,
+)
 
 __all__ = ["capturing", "plan", "step"]
 
@@ -76,7 +91,7 @@ def plan(
             if group[_rule.FROZEN] or id(p) in frozen_ids or (group[_rule.LAZY] and grad._is_zerotensor()):
                 entry.frozen.append(p)
                 continue
-            if group[_rule.LAZY] and _device.decidable(grad):
+            if group[_rule.LAZY] and grad.device.type != "meta":  # _device.decidable, inlined
                 entry.flagged.append(p)
             else:
                 entry.always.append(p)
@@ -127,9 +142,31 @@ def step(optimizer: torch.optim.Optimizer, torch_step: Callable[[], Any], plans:
     groups = optimizer.param_groups
     for group, entry in zip(groups, plans):
         allocate_state(optimizer, group, [p for p in entry.frozen if not optimizer.state.get(p)])
+    kernels = [fused_adam_kernel(optimizer, group) for group in groups]
+    # torch.compile traces torch's own step (its functionalization refuses the kernels called
+    # from here); compiled, the launches are the compiler's anyway.
+    if (
+        not torch.compiler.is_compiling()
+        and any(entry.flagged for entry in plans)
+        and all(
+            kernel is not None or not (entry.flagged or entry.always) for kernel, entry in zip(kernels, plans)
+        )
+    ):
+        _fused_adam_step(optimizer, plans, kernels)
+    else:
+        _torch_steps(optimizer, torch_step, plans)
+
+
+def _torch_steps(
+    optimizer: torch.optim.Optimizer, torch_step: Callable[[], Any], plans: list[_Group]
+) -> None:
+    """torch's whole step once for the parameters stepped whatever their grad, and once for each
+    parameter whose grad may be zero: exact for any fused step that reads ``found_inf``, at three
+    kernels and all of torch's Python per parameter."""
+    groups = optimizer.param_groups
     flagged = [p for entry in plans for p in entry.flagged]
     scaler_found_inf = getattr(optimizer, "found_inf", None)
-    skips = _skips([p.grad for p in flagged], scaler_found_inf)  # type: ignore[misc]  # each has a grad
+    skips, _ = _device.found_inf([p.grad for p in flagged], scaler_found_inf)  # type: ignore[misc]  # each has a grad
     calls: list[tuple[list[list[Tensor]], Tensor | None]] = []
     if any(entry.always for entry in plans):
         calls.append(([entry.always for entry in plans], scaler_found_inf))
@@ -160,20 +197,117 @@ def step(optimizer: torch.optim.Optimizer, torch_step: Callable[[], Any], plans:
             vars(optimizer).pop("found_inf", None)
 
 
-def _skips(grads: list[Tensor], scaler_found_inf: Tensor | None) -> list[Tensor]:
-    """Per grad, the ``found_inf`` its call gets: 1.0 where the grad is zero, else what the
-    GradScaler passed (torch's own value for an active parameter) or 0.0."""
-    flags = _device.nonzero(grads)
-    out: list[Tensor | None] = [None] * len(grads)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, flag in enumerate(flags):
-        by_device.setdefault(flag.device, []).append(i)
-    for device, members in by_device.items():
-        idle = torch.stack([flags[i] for i in members]).logical_not()
-        if scaler_found_inf is None:
-            skip = idle.to(torch.float32)
-        else:
-            skip = torch.where(idle, 1.0, scaler_found_inf.to(device, torch.float32))
-        for i, value in zip(members, skip.unbind()):
-            out[i] = value
-    return out  # type: ignore[return-value]  # every position was filled
+class _OnDevice:
+    """A tensor argument of torch's step moved to each device once, as ``_fused_adam`` does."""
+
+    __slots__ = ("by_device", "value")
+
+    def __init__(self, value: Tensor | None) -> None:
+        self.value = value
+        self.by_device: dict[torch.device, Tensor] = {} if value is None else {value.device: value}
+
+    def on(self, device: torch.device) -> Tensor | None:
+        if self.value is None:
+            return None
+        if device not in self.by_device:
+            self.by_device[device] = self.value.to(device, non_blocking=True)
+        return self.by_device[device]
+
+
+def _fused_adam_step(
+    optimizer: torch.optim.Optimizer, plans: list[_Group], kernels: list[Callable[..., None] | None]
+) -> None:
+    """torch's fused Adam/AdamW step at its floor: torch's ``_init_group`` once per group, one
+    fused kernel call per parameter whose grad may be zero (with its own ``found_inf``), one for
+    the rest of each group per device and dtype, and every step count advanced in one
+    ``_foreach_add_``: N + a constant kernel launches, no host read.
+
+    The same kernels with the same arguments as ``torch.optim.adam._fused_adam``: the kernel
+    updates every tensor of a call on its own, so the calls split give torch's bits.
+    """
+    capture_health_check(optimizer)
+    scaler_found_inf = getattr(optimizer, "found_inf", None)
+    grad_scale = _OnDevice(getattr(optimizer, "grad_scale", None))
+    found_inf = _OnDevice(scaler_found_inf)
+    gathered: list[tuple[dict[str, Any], Callable[..., None], int, list[list[Tensor]]]] = []
+    flagged_grads: list[Tensor] = []
+    for group, entry, kernel in zip(optimizer.param_groups, plans, kernels):
+        if kernel is not None and (entry.always or entry.flagged):
+            named = gather(optimizer, group, entry.always + entry.flagged)
+            lists = [named[name] for name in ADAM_LISTS]  # type: ignore[index]  # fused_adam_kernel checked the class
+            gathered.append((group, kernel, len(entry.always), lists))
+            flagged_grads += lists[1][len(entry.always) :]
+    skips, advances = _device.found_inf(flagged_grads, scaler_found_inf)
+    # Every call: the kernel with the group's options, its lists, lr, grad_scale and found_inf.
+    # torch's _fused_adam advances a call's step counts by one before the kernel and takes its
+    # found_inf off them after; a kernel that skips reads no count, so each count is advanced by
+    # one minus its call's found_inf instead, every count in one multi-tensor op (one launch on
+    # one device; torch's foreach ops take several devices too).
+    calls: list[tuple[Callable[..., None], list[list[Tensor]], Any, Tensor | None, Tensor | None]] = []
+    counts: list[Tensor] = []  # the step counts advanced by one
+    flagged_counts: list[Tensor] = []  # those advanced by one minus their found_inf (advances)
+    flagged_advances: list[Tensor] = []
+    k = 0
+    for group, kernel, always, lists in gathered:
+        call = functools.partial(kernel, **fused_adam_options(group))
+        lr = group["lr"]
+        # _fused_adam moves only an accelerator lr to each device
+        lr_on = _OnDevice(lr) if isinstance(lr, Tensor) and lr.device.type != "cpu" else None
+        kinds: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(lists[0][:always]):
+            kinds.setdefault((p.device, p.dtype), []).append(i)
+        for (device, _), members in kinds.items():
+            some = [[t[i] for i in members] if t else [] for t in lists]
+            skip = found_inf.on(device)
+            calls.append((call, some, lr if lr_on is None else lr_on.on(device), grad_scale.on(device), skip))
+            if skip is None:
+                counts += some[-1]
+            else:
+                flagged_counts += some[-1]
+                flagged_advances += [1 - skip] * len(members)
+        n = len(lists[0]) - always
+        flags = skips[k : k + n]
+        flagged_advances += advances[k : k + n]
+        k += n
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = (t[always:] for t in lists)
+        flagged_counts += steps
+        per_device = lr_on is not None or grad_scale.value is not None
+        for p, g, m, v, mx, count, skip in zip(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or steps, steps, flags
+        ):
+            one = [
+                [p],
+                [g],
+                [m],
+                [v],
+                [mx] if max_exp_avg_sqs else [],
+                [count],
+            ]  # mx: a stand-in without amsgrad
+            if per_device:
+                device = skip.device
+                calls.append(
+                    (call, one, lr if lr_on is None else lr_on.on(device), grad_scale.on(device), skip)
+                )
+            else:
+                calls.append((call, one, lr, None, skip))
+    with torch.no_grad():
+        if counts:
+            torch._foreach_add_(counts, 1)
+        if flagged_counts:
+            torch._foreach_add_(flagged_counts, flagged_advances)
+        done = 0
+        try:
+            for kernel_call, one, lr, scale, skip in calls:
+                kernel_call(*one, lr=lr, grad_scale=scale, found_inf=skip)
+                done += 1
+        except BaseException:
+            # The parameters whose call did not run keep their step counts (those already
+            # stepped keep their update, as after torch's step failing on a later device).
+            pending = {id(count) for _, one, _, _, _ in calls[done:] for count in one[-1]}
+            for c in counts:
+                if id(c) in pending:
+                    c.sub_(1)
+            for c, a in zip(flagged_counts, flagged_advances):
+                if id(c) in pending:
+                    c.sub_(a)
+            raise

@@ -1,17 +1,19 @@
-"""The rule decided on the device: each grad's verdict as a tensor, with no host read.
+"""The rule decided on the device: each grad's verdict in a constant number of kernels.
 
 On an accelerator the verdicts of a step cost a constant number of kernels per device and
 dtype, not one per grad:
 
-- ``probe``: the first element of every grad (a 0-d view, no kernel), stacked and compared
-  with zero. A nonzero first element proves the grad nonzero without reading the rest.
+- ``probe_on_host``: the first element of every grad (a 0-d view, no kernel), stacked and read
+  on the host (one kernel, one read per device). A nonzero first element proves the grad
+  nonzero without reading the rest.
 - ``nonzero``: the L1 norm of every grad in one multi-tensor kernel (``torch._foreach_norm``).
   A sum of absolute values is zero exactly when every element is ``+0.0`` or ``-0.0``: it
   never cancels, NaN and inf propagate, and a subnormal keeps the sum above zero.
+  ``nonzero_on_host`` reads the norms (one stack and one read per device); ``found_inf``
+  turns them into the per-call ``found_inf`` of torch's fused kernels on the device.
 
-Both return one flag tensor per grad, on the grad's device, in the order given. The eager step
-reads them to the host once per device per round (``_rule``); the capturable step hands them to
-torch's fused kernels as ``found_inf`` (``_capturable``) and never reads them.
+The eager step reads once per device per round (``_rule``); the capturable step hands the flags
+to torch's fused kernels as ``found_inf`` (``_capturable``) and never reads them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["decidable", "nonzero", "probe"]
+__all__ = ["decidable", "found_inf", "nonzero", "nonzero_on_host", "probe_on_host"]
 
 
 def decidable(grad: Tensor) -> bool:
@@ -69,16 +71,68 @@ def nonzero(grads: Sequence[Tensor]) -> list[Tensor]:
     return out  # type: ignore[return-value]  # every position was filled
 
 
-def probe(grads: Sequence[Tensor]) -> list[Tensor]:
-    """For each non-empty strided grad, a 0-d bool tensor: whether its first element is nonzero.
+def found_inf(grads: Sequence[Tensor], otherwise: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+    """For each grad, the ``found_inf`` a fused optimizer call of its own takes, and one minus it:
+    0-d float32 tensors on the grad's device; ``found_inf`` is 1.0 where every element is zero
+    (as ``nonzero`` decides), else ``otherwise`` (a GradScaler's found_inf) or 0.0.
 
-    True proves the grad nonzero; False says nothing (the rest is unread). One stack and one
-    compare per device and dtype.
+    Five kernels per device and dtype (norms, stack, compare, select, subtract); nothing is read
+    on the host.
     """
-    firsts = [g[(0,) * g.dim()] for g in grads]
-    out: list[Tensor | None] = [None] * len(grads)
-    for members in _by_kind(firsts).values():
-        flags = torch.stack([firsts[i] for i in members]).ne(0)
-        for i, flag in zip(members, flags.unbind()):
-            out[i] = flag
-    return out  # type: ignore[return-value]  # every position was filled
+    strided = torch.strided
+    values = [g if g.layout is strided and not g.is_complex() else _values(g) for g in grads]
+    skips: list[Tensor | None] = [None] * len(grads)
+    advances: list[Tensor | None] = [None] * len(grads)
+    on_device: dict[torch.device, Tensor] = {}
+    for (device, dtype), members in _by_kind(values).items():
+        group = [values[i] for i in members]
+        if dtype.is_floating_point:
+            zero = torch.stack(torch._foreach_norm(group, ord=1)).eq(0)
+        else:  # integer or bool grads: rare enough for one reduction each
+            zero = torch.stack([v.ne(0).any() for v in group]).logical_not()
+        if otherwise is None:
+            flags = zero.to(torch.float32)
+        else:
+            if device not in on_device:
+                on_device[device] = otherwise.to(device, torch.float32)
+            flags = torch.where(zero, 1.0, on_device[device])
+        for i, flag, advance in zip(members, flags.unbind(), (1 - flags).unbind()):
+            skips[i] = flag
+            advances[i] = advance
+    return skips, advances  # type: ignore[return-value]  # every position was filled
+
+
+def _on_host(values: Sequence[Tensor]) -> list[bool]:
+    """Whether each 0-d value is nonzero, read on the host: one stack (dtypes promote exactly:
+    bool and narrow floats into a wider float) and one read per device."""
+    out = [False] * len(values)
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for i, value in enumerate(values):
+        by_device[value.device].append(i)
+    for members in by_device.values():
+        read = torch.stack([values[i] for i in members]).tolist()
+        for i, value in zip(members, read):
+            out[i] = value != 0  # NaN and inf are nonzero, -0.0 is zero
+    return out
+
+
+def nonzero_on_host(grads: Sequence[Tensor]) -> list[bool]:
+    """``nonzero``, read on the host: one ``_foreach_norm`` per device and dtype, one stack and
+    one read per device (the norms are read and compared with zero there)."""
+    values = [_values(g) for g in grads]
+    norms: list[Tensor | None] = [None] * len(grads)
+    for (_, dtype), members in _by_kind(values).items():
+        group = [values[i] for i in members]
+        if dtype.is_floating_point:
+            found: Sequence[Tensor] = torch._foreach_norm(group, ord=1)
+        else:  # integer or bool grads: rare enough for one reduction each
+            found = [v.ne(0).any() for v in group]
+        for i, norm in zip(members, found):
+            norms[i] = norm
+    return _on_host(norms)  # type: ignore[arg-type]  # every position was filled
+
+
+def probe_on_host(grads: Sequence[Tensor]) -> list[bool]:
+    """``probe``, read on the host: the first elements stacked and read, one stack and one read
+    per device, compared with zero there."""
+    return _on_host([g[(0,) * g.dim()] for g in grads])

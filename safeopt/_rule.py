@@ -172,23 +172,11 @@ def _sharded_flags(grads: Sequence[Tensor], out: list[bool], positions: list[int
             out[i] = bool(flag)
 
 
-def _read(flags: Sequence[Tensor]) -> list[bool]:
-    """Device flags on the host: one read per device."""
-    out = [False] * len(flags)
-    by_device: dict[torch.device, list[int]] = defaultdict(list)
-    for i, flag in enumerate(flags):
-        by_device[flag.device].append(i)
-    for members in by_device.values():
-        for i, value in zip(members, torch.stack([flags[i] for i in members]).tolist()):
-            out[i] = bool(value)
-    return out
-
-
 def _device_flags(grads: Sequence[Tensor]) -> list[bool]:
     """The flags of grads decided on their device: at most two host reads per device.
 
-    A probe round reads every grad's first element (``_device.probe``); the grads it cannot
-    prove nonzero, usually the idle ones, are then reduced in full (``_device.nonzero``), so
+    A probe round reads every grad's first element (``_device.probe_on_host``); the grads it cannot
+    prove nonzero, usually the idle ones, are then reduced in full (``_device.nonzero_on_host``), so
     active grads are not read in full. ``DEVICE_PROBE = False`` skips the probe round: one
     read per device, every grad reduced in full.
     """
@@ -197,12 +185,12 @@ def _device_flags(grads: Sequence[Tensor]) -> list[bool]:
     if DEVICE_PROBE:
         strided = [i for i in todo if grads[i].layout is torch.strided]
         if strided:
-            seen = _read(_device.probe([grads[i] for i in strided]))
+            seen = _device.probe_on_host([grads[i] for i in strided])
             for i, flag in zip(strided, seen):
                 out[i] = flag
             todo = [i for i in todo if not out[i]]
     if todo:
-        for i, flag in zip(todo, _read(_device.nonzero([grads[i] for i in todo]))):
+        for i, flag in zip(todo, _device.nonzero_on_host([grads[i] for i in todo])):
             out[i] = flag
     return out
 

@@ -16,12 +16,17 @@ from typing import Any
 import torch
 
 __all__ = [
+    "ADAM_LISTS",
     "HOOK_DICTS",
     "INSTANCE_ATTRS",
     "MOMENTUM_BUFFER",
     "STEP",
     "allocate_state",
     "batches",
+    "capture_health_check",
+    "fused_adam_kernel",
+    "fused_adam_options",
+    "gather",
     "saved_as_is",
     "skip_flag",
     "skips_by_found_inf",
@@ -216,3 +221,89 @@ def skip_flag(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
     if not isinstance(found_inf, torch.Tensor):
         return None
     return found_inf == 1
+
+
+#: The lists torch's ``Adam._init_group`` (and ``AdamW``'s) fills, by argument name, in the order
+#: torch's fused kernels take them.
+ADAM_LISTS = ("params_with_grad", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
+
+
+def gather(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], params: list[torch.Tensor]
+) -> dict[str, list[Any]] | None:
+    """torch's ``_init_group`` run on ``params`` (each with a grad): their state created as torch
+    creates it (with torch's errors), and the lists torch's step would hand its functional, by
+    argument name. None when the class has no ``_init_group`` safeopt understands."""
+    outputs = _init_group_outputs(type(optimizer))
+    if outputs is None:
+        return None
+    view = dict(group)
+    view["params"] = params
+    args = _init_group_args(view, outputs)
+    with torch.no_grad():
+        type(optimizer)._init_group(optimizer, view, *args)  # type: ignore[attr-defined]  # private, per class
+    return {name: arg for name, arg in zip(outputs, args) if isinstance(arg, list)}
+
+
+def _torch_steps() -> tuple[Callable[..., Any], ...]:
+    return tuple(unhooked(cls.step) for cls in (torch.optim.Adam, torch.optim.AdamW))
+
+
+def fused_adam_kernel(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> Callable[..., None] | None:
+    """torch's fused Adam or AdamW kernel (``torch._fused_adam_`` / ``_fused_adamw_``) that
+    torch's own step would call for this group, or None when the step is not torch's own fused
+    Adam/AdamW step with plain hyperparameters (then only torch's whole step gives its answer).
+
+    The kernel updates each tensor of its lists on its own and skips the whole call on the device
+    when ``found_inf`` holds 1; ``torch.optim.adam._fused_adam`` advances the step counts by one
+    before it and takes ``found_inf`` off them after. ``tests/test_torch_compat.py`` checks that
+    ``gather`` + the kernel with ``fused_adam_options`` and that step bookkeeping equals torch's step, bit for bit.
+    """
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) or group.get("fused") is not True:
+        return None
+    if group.get("differentiable") or any(isinstance(b, torch.Tensor) for b in group["betas"]):
+        return None
+    # The step the optimizer runs: the first class in its MRO, past safeopt's, that defines one.
+    step = next(
+        (
+            vars(cls)["step"]
+            for cls in type(optimizer).__mro__
+            if "step" in vars(cls) and cls.__module__.partition(".")[0] != "safeopt"
+        ),
+        None,
+    )
+    if step is None or unhooked(step) not in _torch_steps():
+        return None
+    outputs = _init_group_outputs(type(optimizer))
+    if outputs is None or not set(ADAM_LISTS) <= set(outputs):
+        return None
+    # torch 2.7+ keeps decoupled_weight_decay in every Adam/AdamW group; torch 2.6's AdamW is its own class.
+    decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
+    return torch._fused_adamw_ if decoupled else torch._fused_adam_
+
+
+def fused_adam_options(group: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of torch's fused Adam kernel for this group but ``lr``, ``grad_scale``
+    and ``found_inf``, as ``torch.optim.adam._fused_adam`` passes them. A call is then
+    ``kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=...,
+    grad_scale=..., found_inf=..., **options)``, the lists of one device and dtype."""
+    beta1, beta2 = group["betas"]
+    return {
+        "amsgrad": group["amsgrad"],
+        "beta1": beta1,
+        "beta2": beta2,
+        "weight_decay": group["weight_decay"],
+        "eps": group["eps"],
+        "maximize": group["maximize"],
+    }
+
+
+def capture_health_check(optimizer: torch.optim.Optimizer) -> None:
+    """What torch's step checks first: capture of a group without ``capturable`` raises, a
+    capturable step run outside capture on an accelerator warns once. torch 2.13 renamed the
+    method (the old name is a deprecated alias); an optimizer with neither is not checked."""
+    check = getattr(optimizer, "_accelerator_graph_capture_health_check", None) or getattr(
+        optimizer, "_cuda_graph_capture_health_check", None
+    )
+    if check is not None:
+        check()

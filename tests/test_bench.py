@@ -38,10 +38,12 @@ def test_bench_times_both_sides_for_every_idle_fraction_and_leaves_the_model_alo
         assert r.extra_mb_torch is not None and r.extra_mb_torch >= 0
         assert r.extra_mb_safeopt is not None and r.extra_mb_safeopt >= 0
         assert r.syncs_torch is None and r.syncs_safeopt is None  # counted on CUDA only
+        assert r.launches_torch is not None and r.launches_torch.launches > 0
+        assert r.launches_safeopt is not None and r.launches_safeopt.reads >= 0
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
     assert torch.equal(net[0].weight.grad, torch.ones(8, 8)) and net[2].weight.grad is None
     text = str(report)
-    assert "torch" in text and "safeopt" in text and "safeopt/torch" in text
+    assert "torch" in text and "safeopt" in text and "safeopt/torch" in text and "launches/reads" in text
     assert "AdamW foreach, 50% idle (zero)" in text
 
 

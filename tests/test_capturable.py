@@ -253,10 +253,18 @@ def test_capturable_lazy_false_group_steps_zero_grads_like_torch(monkeypatch: py
     assert not torch.equal(params[0].detach(), before[0][0]), "weight decay moved the lazy=False params"
 
 
+class _OwnStepAdam(torch.optim.Adam):
+    """A subclass with a step of its own: safeopt cannot call torch's kernels in its place."""
+
+    def step(self, closure: Any = None) -> Any:
+        return super().step(closure)
+
+
 def test_capturable_step_keeps_grads_when_torch_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A failing call inside the per-parameter calls leaves the groups and found_inf as they were."""
+    """A failing call inside the per-parameter calls of torch's whole step leaves the groups and
+    found_inf as they were."""
     params = harness.make_params([(3,), (4,)])
-    opt = safeopt.Adam(params, fused=True, capturable=True)
+    opt = safeopt.wrap(_OwnStepAdam(params, fused=True, capturable=True))
     for p in params:
         p.grad = torch.ones_like(p)
     grads = [p.grad for p in params]
@@ -271,7 +279,38 @@ def test_capturable_step_keeps_grads_when_torch_raises(monkeypatch: pytest.Monke
     monkeypatch.undo()
     assert [list(g["params"]) for g in opt.param_groups] == groups
     assert all(p.grad is g for p, g in zip(params, grads))
-    assert "found_inf" not in vars(opt)
+    assert "found_inf" not in vars(opt.optimizer)
+
+
+def test_capturable_kernel_failing_leaves_the_parameters_not_reached_as_they_were(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The calls of torch's fused kernel, one per parameter: when one raises, the parameters it
+    and the later calls did not step keep their values and state, step counts included."""
+    params = harness.make_params([(3,), (4,), (2,)])
+    opt = safeopt.Adam(params, fused=True, capturable=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    grads = [p.grad for p in params]
+    before = harness.snapshot(opt, params)
+    kernel = torch._fused_adam_
+    calls = []
+
+    def second_fails(*args: Any, **kwargs: Any) -> None:
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise RuntimeError("kernel failed")
+        kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adam_", second_fails)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        opt.step()
+    monkeypatch.undo()
+    assert len(calls) == 2, "not one call per parameter"
+    assert all(p.grad is g for p, g in zip(params, grads))
+    harness.assert_unchanged(before, opt, params, [1, 2], "after the failing call")
+    assert float(opt.state[params[0]]["step"]) == 2.0
 
 
 META = {

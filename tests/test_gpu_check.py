@@ -29,5 +29,10 @@ def test_gpu_check_smoke_writes_its_results(tmp_path: Path) -> None:
     assert {"fused", "fused+capturable"} <= impls
     assert {row["idle_tensors"] for row in rows} == {0, 12}  # all active; the last of 2 blocks (12 tensors)
     assert all(row["torch_ms"] > 0 and row["safeopt_ms"] > 0 and row["ratio"] > 0 for row in rows)
+    for row in rows:  # the launch count beside the times: the capturable step at its floor
+        assert row["torch_launches"] > 0 and row["safeopt_launches"] > 0
+        if row["impl"] == "fused+capturable":
+            assert row["safeopt_reads"] == 0
+            assert row["safeopt_launches"] <= row["torch_launches"] + result["tensors"] + 8
     table = (tmp_path / "gpu_check-smoke.md").read_text()
     assert table.count("\n| ") == len(rows) + 1  # header and one line a row

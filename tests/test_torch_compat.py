@@ -7,6 +7,7 @@ and names the torch version (``TORCH``), before a user's training run finds out.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import harness
 import safeopt
 from safeopt._torch_compat import (
     _GROUP_OPTION_ARGS,
+    ADAM_LISTS,
     HOOK_DICTS,
     INSTANCE_ATTRS,
     MOMENTUM_BUFFER,
@@ -25,6 +27,10 @@ from safeopt._torch_compat import (
     _init_group_outputs,
     allocate_state,
     batches,
+    capture_health_check,
+    fused_adam_kernel,
+    fused_adam_options,
+    gather,
     saved_as_is,
     skip_flag,
     skips_by_found_inf,
@@ -266,3 +272,86 @@ def test_fused_kernels_skip_when_found_inf_is_one_and_sgd_starts_its_buffer_anyw
                 f"torch {TORCH}: a skipped first step starts no buffer now"
             )
     assert skip_flag(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)) is None
+
+
+class _OwnStep(torch.optim.Adam):
+    def step(self, closure: Any = None) -> Any:
+        return super().step(closure)
+
+
+def test_fused_adam_kernel_is_found_for_torchs_own_fused_step_only() -> None:
+    """The capturable step calls torch's fused kernels itself only where torch's step would call
+    them: torch's own Adam/AdamW step, fused; a step of a subclass's own runs whole."""
+    p = torch.nn.Parameter(torch.ones(2))
+    for make, kernel in [
+        (lambda: torch.optim.Adam([p], fused=True), torch._fused_adam_),
+        (lambda: torch.optim.AdamW([p], fused=True), torch._fused_adamw_),
+        (lambda: safeopt.Adam([p], fused=True, capturable=True), torch._fused_adam_),
+        (lambda: safeopt.AdamW([p], fused=True), torch._fused_adamw_),
+        (lambda: safeopt.wrap(torch.optim.AdamW([p], fused=True)).optimizer, torch._fused_adamw_),
+    ]:
+        opt = make()
+        assert fused_adam_kernel(opt, opt.param_groups[0]) is kernel, f"torch {TORCH}: {opt!r}"
+    for opt in [
+        torch.optim.Adam([p], foreach=True),
+        _OwnStep([p], fused=True),
+        torch.optim.SGD([p], fused=True),
+    ]:
+        assert fused_adam_kernel(opt, opt.param_groups[0]) is None, f"torch {TORCH}: {opt!r}"
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("scaler", [None, 0.0, 1.0], ids=["no-scaler", "found_inf=0", "found_inf=1"])
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_fused_kernel_per_tensor_with_merged_step_counts_is_torchs_step(
+    cls: type, amsgrad: bool, scaler: float | None, tensor_lr: bool
+) -> None:
+    """``gather`` + one kernel call per tensor (``fused_adam_options``), step counts advanced before and
+    ``found_inf`` taken off after (as ``torch.optim.adam._fused_adam`` does per call), equals
+    torch's step, bit for bit: the capturable step's construction."""
+    shapes = [(3, 2), (4,), (2, 2, 2)]
+    mine, theirs = harness.make_params(shapes), harness.make_params(shapes)
+    gen = torch.Generator().manual_seed(3)
+    for p, q in zip(mine, theirs):
+        p.grad = harness.make_grad(p, "dense", gen)
+        q.grad = p.grad.clone()  # type: ignore[union-attr]  # set just above
+    lr = torch.tensor(0.01) if tensor_lr else 0.01
+    kwargs = {"lr": lr, "weight_decay": 0.1, "amsgrad": amsgrad, "fused": True, "capturable": True}
+    opt, ref = cls(mine, **kwargs), cls(theirs, **kwargs)
+    if scaler is not None:
+        for o in (opt, ref):
+            o.grad_scale, o.found_inf = torch.tensor(2.0), torch.tensor(scaler)
+    for _ in range(2):
+        ref.step()
+        group = opt.param_groups[0]
+        kernel = fused_adam_kernel(opt, group)
+        assert kernel is not None
+        lists = gather(opt, group, mine)
+        assert lists is not None and set(ADAM_LISTS) <= set(lists), f"torch {TORCH}: {lists and list(lists)}"
+        tensors = [lists[name] for name in ADAM_LISTS]
+        found_inf = getattr(opt, "found_inf", None)
+        torch._foreach_add_(tensors[-1], 1)
+        for i in range(len(mine)):
+            kernel(
+                *[[t[i]] if t else [] for t in tensors],
+                lr=group["lr"],
+                grad_scale=getattr(opt, "grad_scale", None),
+                found_inf=found_inf,
+                **fused_adam_options(group),
+            )
+        if found_inf is not None:
+            torch._foreach_sub_(tensors[-1], [found_inf] * len(mine))
+        for p, q in zip(mine, theirs):
+            assert harness.bit_equal(p, q), f"torch {TORCH}: a parameter differs"
+            harness.assert_state_equal(opt.state[p], ref.state[q], f"torch {TORCH}")
+
+
+def test_capture_health_check_is_there() -> None:
+    """torch's step starts with the capture health check (renamed in torch 2.13); the capturable
+    step runs it once in torch's place."""
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.ones(1))], capturable=True)
+    assert hasattr(opt, "_accelerator_graph_capture_health_check") or hasattr(
+        opt, "_cuda_graph_capture_health_check"
+    ), f"torch {TORCH} has no capture health check"
+    capture_health_check(opt)
