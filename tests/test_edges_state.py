@@ -235,3 +235,110 @@ def test_state_made_at_first_step_names_torchs_lazily_allocating_optimizers() ->
         assert "step" not in opt.state[p] or float(opt.state[p]["step"]) == 1, name
     assert state_made_at_first_step(safeopt.Adam([nn.Parameter(torch.ones(1))]))
     assert not state_made_at_first_step(torch.optim.Adagrad([nn.Parameter(torch.ones(1))]))
+
+
+# --- fresh state in state_dicts, copies and pickles ---------------------------------------------------
+
+
+def _sgd_with_an_idle_parameter(make: Callable[..., torch.optim.Optimizer]) -> tuple[Any, list[nn.Parameter]]:
+    params = harness.make_params(SHAPES)
+    opt = make(params, lr=0.1, momentum=0.9, dampening=0.1)
+    params[0].grad, params[1].grad = torch.ones(3, 2), torch.zeros(4)
+    opt.step()
+    return opt, params
+
+
+SGD_MAKERS = [safeopt.SGD, lambda ps, **kw: safeopt.wrap(torch.optim.SGD(ps, **kw))]
+
+
+@pytest.mark.parametrize("make", SGD_MAKERS, ids=["twin", "wrap"])
+def test_sgd_state_dict_has_a_placeholder_buffer_for_a_fresh_parameter(make: Any) -> None:
+    """torch's SGD makes its buffer in the update; a state_dict gets what torch's step on a zero
+    grad makes (zeros), listed in fresh_params, so that DCP has a key to load into."""
+    opt, params = _sgd_with_an_idle_parameter(make)
+    assert not opt.state[params[1]]  # live: nothing, as torch on the active parameters alone
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["fresh_params"] == [1]
+    assert torch.equal(sd["state"][1]["momentum_buffer"], torch.zeros(4))
+    assert torch.equal(sd["state"][0]["momentum_buffer"], opt.state[params[0]]["momentum_buffer"])
+    assert "momentum_buffer" not in opt.state[params[1]]  # the live state is not changed
+
+    other = make(params, lr=0.1, momentum=0.9, dampening=0.1)
+    other.load_state_dict(harness.roundtrip(sd))
+    assert not other.state[params[1]] and "fresh_params" not in other.param_groups[0]
+    assert other.state_dict()["param_groups"][0]["fresh_params"] == [1]
+
+    # A param group without momentum has no placeholders, and no key.
+    plain = make(params, lr=0.1)
+    assert "fresh_params" not in plain.state_dict()["param_groups"][0]
+
+
+@pytest.mark.parametrize("make", SGD_MAKERS, ids=["twin", "wrap"])
+def test_sgd_placeholder_that_torch_stepped_loads_back_as_a_real_buffer(make: Any) -> None:
+    opt, params = _sgd_with_an_idle_parameter(make)
+    torch_opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.1)
+    torch_opt.load_state_dict(opt.state_dict())  # torch keeps the group key, and steps the placeholder
+    params[1].grad = torch.ones(4)
+    torch_opt.step()
+    back = make(params, lr=0.1, momentum=0.9, dampening=0.1)
+    back.load_state_dict(torch_opt.state_dict())
+    harness.assert_state_equal(back.state[params[1]], torch_opt.state[params[1]], "stepped by torch")
+
+
+# (the torch class, its arguments, the change after the copy, whether safeopt's twin runs it)
+COPIED = [
+    (torch.optim.Adam, {"lr": 0.1}, {"lr": 0.05, "amsgrad": True}, True),
+    (torch.optim.Rprop, {"lr": 0.01}, {"lr": 0.005}, False),
+]
+
+
+@pytest.mark.parametrize("copy_", ["deepcopy", "pickle"])
+@pytest.mark.parametrize(("cls", "kwargs", "change", "twin"), COPIED, ids=["Adam", "wrap-Rprop"])
+def test_fresh_state_stays_fresh_through_deepcopy_and_pickle(
+    cls: type, kwargs: dict[str, Any], change: dict[str, Any], twin: bool, copy_: str
+) -> None:
+    """The first update after the copy is torch's first step with the settings of then."""
+    import copy
+    import pickle
+
+    params = harness.make_params(SHAPES)
+    opt = TWINS[cls](params, **kwargs) if twin else safeopt.wrap(cls(params, **kwargs))
+    params[0].grad, params[1].grad = torch.ones(3, 2), torch.zeros(4)
+    opt.step()
+    other = copy.deepcopy(opt) if copy_ == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    for group in other.param_groups:
+        group.update(change)
+    held = other.param_groups[0]["params"][1]
+    ref = harness.make_params(SHAPES)[1]
+    reference = cls([ref], **{**kwargs, **change})
+    held.grad, ref.grad = torch.ones(4), torch.ones(4)
+    other.step()
+    reference.step()
+    assert harness.bit_equal(held.detach(), ref.detach())
+    harness.assert_state_equal(other.state[held], reference.state[ref], copy_)
+
+
+def test_a_state_dict_from_torchs_own_method_loads_with_weights_only() -> None:
+    """The mark on fresh state is a dict subclass; torch's state_dict() of a wrapped optimizer
+    (which safeopt does not post-process) still saves only types torch.load accepts."""
+    params = harness.make_params(SHAPES)
+    inner = torch.optim.Adam(params, lr=0.1)
+    opt = safeopt.wrap(inner)
+    params[0].grad, params[1].grad = torch.ones(3, 2), torch.zeros(4)
+    opt.step()
+    loaded = harness.roundtrip(inner.state_dict())  # weights_only=True
+    assert float(loaded["state"][1]["step"]) == 0
+
+
+def test_get_optimizer_state_dict_makes_a_momentum_buffer_key_for_every_parameter() -> None:
+    """Issue 25.1 at its root: the state a new optimizer materialises for DCP has the keys a
+    checkpoint of a trained one holds (torch.optim.SGD's: a momentum buffer per parameter)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    for make in SGD_MAKERS:
+        osd = get_optimizer_state_dict(model, make(model.parameters(), lr=0.1, momentum=0.9))
+        torch_osd = get_optimizer_state_dict(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+        assert osd["state"].keys() == torch_osd["state"].keys()
+        for key, entry in osd["state"].items():
+            assert torch.equal(entry["momentum_buffer"], torch_osd["state"][key]["momentum_buffer"]), key
