@@ -57,12 +57,16 @@ def prepare(
     """Before a step: fresh state for the idle parameters with a grad that have none, and no fresh
     state for the parameters this step updates (torch makes it at their first update)."""
     state = optimizer.state
+    # One walk over the state by items (no tensor hashed) finds the fresh entries; most steps have
+    # none among the parameters they update.
+    fresh = {id(p) for p, entry in state.items() if type(entry) is Fresh}
     for group, plan in zip(groups, plans):
+        if fresh:
+            for p in _stepped(plan):
+                if id(p) in fresh:
+                    del state[p]
         if plan.idle_with_grad:
             _allocate(optimizer, group, [p for p in plan.idle_with_grad if not state.get(p)])
-        for p in _stepped(plan):
-            if type(state.get(p)) is Fresh:
-                del state[p]
 
 
 def _stepped(plan: GroupPlan) -> Iterator[torch.Tensor]:
