@@ -50,6 +50,7 @@ def _makers(cls: type) -> list[tuple[str, Callable[..., torch.optim.Optimizer]]]
     ]
     if cls in TWINS:
         out.append(("twin", TWINS[cls]))
+        out.append(("rows", lambda params, **kw: TWINS[cls](params, lazy="rows", **kw)))
     return out
 
 
@@ -342,3 +343,27 @@ def test_get_optimizer_state_dict_makes_a_momentum_buffer_key_for_every_paramete
         assert osd["state"].keys() == torch_osd["state"].keys()
         for key, entry in osd["state"].items():
             assert torch.equal(entry["momentum_buffer"], torch_osd["state"][key]["momentum_buffer"]), key
+
+
+def test_rows_first_update_after_idle_steps_is_torchs_first_step_with_the_settings_of_then() -> None:
+    """lazy="rows": a table idle (zero grad, fresh state) while amsgrad is switched on and the lr
+    halved; then two of its rows are active: they get torch's first step on those rows alone."""
+    table = nn.Parameter(torch.randn(4, 2, generator=torch.Generator().manual_seed(0)))
+    opt = safeopt.Adam([table], lr=0.1, lazy="rows")
+    for _ in range(2):
+        table.grad = torch.zeros(4, 2)
+        opt.step()
+    opt.param_groups[0].update(lr=0.05, amsgrad=True)
+    grad = torch.zeros(4, 2)
+    grad[[0, 2]] = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    table.grad = grad
+    rows = nn.Parameter(table.detach()[[0, 2]].clone())
+    reference = torch.optim.Adam([rows], lr=0.05, amsgrad=True)
+    rows.grad = grad[[0, 2]]
+    before = table.detach().clone()
+    opt.step()
+    reference.step()
+    assert harness.bit_equal(table.detach()[[0, 2]], rows.detach())
+    assert harness.bit_equal(table.detach()[[1, 3]], before[[1, 3]])
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        assert harness.bit_equal(opt.state[table][key][[0, 2]], reference.state[rows][key]), key
