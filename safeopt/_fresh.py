@@ -30,7 +30,7 @@ from safeopt import _rows
 from safeopt._rule import GroupPlan
 from safeopt._torch_compat import MOMENTUM_BUFFER, STEP, state_made_at_first_step
 
-__all__ = ["FRESH_PARAMS", "Fresh", "loaded", "prepare", "remark", "saved"]
+__all__ = ["FRESH_PARAMS", "Fresh", "loaded", "prepare", "remark", "saved", "undo"]
 
 FRESH_PARAMS = "fresh_params"  # in a state_dict's SGD groups: positions whose buffer is a placeholder
 
@@ -51,22 +51,34 @@ class Fresh(dict):  # type: ignore[type-arg]  # torch's per-parameter state: str
         return Fresh(copy.deepcopy(dict(self), memo))
 
 
+Dropped = list[tuple[torch.Tensor, "Fresh"]]
+
+
 def prepare(
     optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]], plans: Sequence[GroupPlan]
-) -> None:
+) -> Dropped:
     """Before a step: fresh state for the idle parameters with a grad that have none, and no fresh
-    state for the parameters this step updates (torch makes it at their first update)."""
+    state for the parameters this step updates (torch makes it at their first update). Returns
+    what it dropped, for :func:`undo` when the step fails."""
     state = optimizer.state
     # One walk over the state by items (no tensor hashed) finds the fresh entries; most steps have
     # none among the parameters they update.
     fresh = {id(p) for p, entry in state.items() if type(entry) is Fresh}
+    dropped: Dropped = []
     for group, plan in zip(groups, plans):
         if fresh:
             for p in _stepped(plan):
                 if id(p) in fresh:
-                    del state[p]
+                    dropped.append((p, state.pop(p)))
         if plan.idle_with_grad:
             _allocate(optimizer, group, [p for p in plan.idle_with_grad if not state.get(p)])
+    return dropped
+
+
+def undo(optimizer: torch.optim.Optimizer, dropped: Dropped) -> None:
+    """Put back the fresh state ``prepare`` dropped (a step that failed changes nothing)."""
+    for p, entry in dropped:
+        optimizer.state[p] = entry
 
 
 def _stepped(plan: GroupPlan) -> Iterator[torch.Tensor]:

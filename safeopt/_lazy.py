@@ -62,7 +62,7 @@ def lazy_step(
         _capturable.step(optimizer, step, on_device)
         return loss
     plans = _rule.plan_step(groups)
-    _fresh.prepare(optimizer, groups, plans)  # fresh state for idle parameters; none for first updates
+    dropped = _fresh.prepare(optimizer, groups, plans)  # fresh state for idle params; none for first updates
     by_rows = _rows.RowSteps()
     buckets: list[list[torch.Tensor]] = [[] for _ in groups]
     if rows:
@@ -140,6 +140,8 @@ def lazy_step(
             if by_rows.pending:
                 by_rows.finish(stepped)
         finally:
+            if not stepped:
+                _fresh.undo(optimizer, dropped)
             if after is not None:
                 after()
     return result if pass_closure else loss

@@ -367,3 +367,19 @@ def test_rows_first_update_after_idle_steps_is_torchs_first_step_with_the_settin
     assert harness.bit_equal(table.detach()[[1, 3]], before[[1, 3]])
     for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
         assert harness.bit_equal(opt.state[table][key][[0, 2]], reference.state[rows][key]), key
+
+
+@pytest.mark.parametrize("make", [safeopt.Adam, lambda ps, **kw: safeopt.wrap(torch.optim.Adam(ps, **kw))])
+def test_a_step_torch_refuses_keeps_the_fresh_state(make: Any) -> None:
+    """Fresh state is dropped before a parameter's first update; when torch's step then raises,
+    it is back: the failed step changed nothing."""
+    bias = nn.Parameter(torch.ones(5))
+    opt = make([bias], lr=0.1)
+    bias.grad = torch.zeros(5)
+    opt.step()
+    fresh = opt.state[bias]
+    bias.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3]]), torch.ones(2), (5,))
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert opt.state[bias] is fresh and float(fresh["step"]) == 0
+    assert torch.equal(bias, torch.ones(5))
