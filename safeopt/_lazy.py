@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 import torch
 
-from safeopt import _amp, _capturable, _row_rule, _rows, _rule
+from safeopt import _amp, _capturable, _fresh, _row_rule, _rows, _rule
 from safeopt._freeze import FreezeAPI
-from safeopt._torch_compat import STEP, batches, unhooked, writes_into_grads
+from safeopt._torch_compat import batches, unhooked, writes_into_grads
 
 __all__ = ["LazyOptimizer", "add_group", "lazy_step", "load_state"]
 
@@ -62,11 +62,7 @@ def lazy_step(
         _capturable.step(optimizer, step, on_device)
         return loss
     plans = _rule.plan_step(groups)
-    for group, plan in zip(groups, plans):
-        if plan.idle_with_grad:
-            _rows.allocate_state(
-                optimizer, group, [p for p in plan.idle_with_grad if not optimizer.state.get(p)]
-            )
+    dropped = _fresh.prepare(optimizer, groups, plans)  # fresh state for idle params; none for first updates
     by_rows = _rows.RowSteps()
     buckets: list[list[torch.Tensor]] = [[] for _ in groups]
     if rows:
@@ -146,6 +142,8 @@ def lazy_step(
             if by_rows.pending:
                 by_rows.finish(stepped)
         finally:
+            if not stepped:
+                _fresh.undo(optimizer, dropped)
             if after is not None:
                 after()
     return result if pass_closure else loss
@@ -175,17 +173,9 @@ def load_state(
     had_state = {id(p) for group in optimizer.param_groups for p in group["params"] if optimizer.state.get(p)}
     load(state_dict)
     _rows.restore_counts(optimizer, state_dict)
+    _fresh.loaded(optimizer, had_state)  # fresh state marked again (docs/rule.md, "State allocation")
     for group in optimizer.param_groups:
         _rule.fill_flags(group, optimizer.defaults)
-        for p in group["params"]:
-            state = optimizer.state.get(p)
-            if id(p) not in had_state and state and STEP in state and float(state[STEP]) == 0:
-                # Fresh state that no step touched: what safeopt allocates for an idle
-                # parameter. torch's load casts its scalars (NAdam's mu_product, ASGD's eta)
-                # to the parameter's dtype, while torch, having stepped only the active
-                # parameters, would allocate it afresh at the first update; so does safeopt.
-                # (State an optimizer makes in __init__, like Adagrad's, is left as loaded.)
-                del optimizer.state[p]
 
 
 class LazyOptimizer(FreezeAPI):
@@ -221,9 +211,11 @@ class LazyOptimizer(FreezeAPI):
             add_group(self, super().add_param_group, param_group)  # type: ignore[misc,arg-type]  # the torch class after this mixin in the MRO has it
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's ``state_dict``; a ``lazy="rows"`` parameter also saves the ``step`` its
-        ``row_step`` is current at (``_rows.stamp_counts``)."""
-        return _rows.stamp_counts(self, super().state_dict())  # type: ignore[misc,arg-type]  # the torch class after this mixin in the MRO has it
+        """torch's ``state_dict``, with safeopt's group keys (docs/rule.md, "State allocation"); a
+        ``lazy="rows"`` parameter also saves the ``step`` its ``row_step`` is current at
+        (``_rows.stamp_counts``)."""
+        saved = _rows.stamp_counts(self, super().state_dict())  # type: ignore[misc,arg-type]  # the torch class after this mixin in the MRO has it
+        return _fresh.saved(self, saved)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``; freeze flags come back, a torch state_dict loads unfrozen."""
@@ -235,3 +227,4 @@ class LazyOptimizer(FreezeAPI):
         self.defaults.setdefault(_rule.FROZEN, False)
         for group in self.param_groups:
             _rule.fill_flags(group, self.defaults)
+        _fresh.remark(self)  # type: ignore[arg-type]  # self is also the torch optimizer (mixin)

@@ -30,6 +30,7 @@ __all__ = [
     "saved_as_is",
     "skip_flag",
     "skips_by_found_inf",
+    "state_made_at_first_step",
     "unhooked",
     "writes_into_grads",
 ]
@@ -151,6 +152,34 @@ def allocate_state(
     view["params"] = params
     with torch.no_grad():
         type(optimizer)._init_group(optimizer, view, *_init_group_args(view, outputs))  # type: ignore[attr-defined]  # private, per class
+
+
+# torch's optimizers whose ``_init_group`` makes all of a parameter's state (step 0, zeros, the
+# settings of that moment) the first time it sees the parameter with a grad. Adagrad is not
+# among them: its constructor makes its state.
+_FIRST_STEP_CLASSES = (
+    "Adam",
+    "AdamW",
+    "SGD",
+    "RMSprop",
+    "Adadelta",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "ASGD",
+    "Rprop",
+)
+
+
+def state_made_at_first_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is one of torch's optimizers (or a subclass keeping their
+    ``_init_group``) that make a parameter's state at its first step, so that state with
+    ``step`` 0 is state no update has used: torch's step counts 1 at a parameter's first update.
+    """
+    init = getattr(type(optimizer), "_init_group", None)
+    return init is not None and any(
+        init is getattr(getattr(torch.optim, name, None), "_init_group", None) for name in _FIRST_STEP_CLASSES
+    )
 
 
 def writes_into_grads(

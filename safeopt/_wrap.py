@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from safeopt import _rows, _rule
+from safeopt import _fresh, _rows, _rule
 from safeopt._doc import RULE
 from safeopt._freeze import FreezeAPI
 from safeopt._lazy import LazyOptimizer, add_group, lazy_step, load_state
@@ -145,7 +145,7 @@ class LazyWrapper(FreezeAPI, Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state_dict (with safeopt's group keys)."""
-        return self.optimizer.state_dict()
+        return _fresh.saved(self.optimizer, self.optimizer.state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load into the wrapped optimizer; freeze flags come back, a torch state_dict loads unfrozen."""
@@ -165,6 +165,7 @@ del _name
 
 
 def _rewrap(optimizer: Optimizer, strict: bool, lazy: _rule.Lazy = True) -> LazyWrapper:
+    _fresh.remark(optimizer)  # unpickled: fresh state came back as plain dicts
     return LazyWrapper(optimizer, strict=strict, lazy=lazy)
 
 

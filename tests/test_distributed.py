@@ -260,3 +260,25 @@ def test_dcp_resume_in_new_processes_is_bit_identical(tmp_path: Path) -> None:
         assert not torch.equal(
             first[rank]["whole"]["params"]["mid.weight"], second[rank]["untouched"]["params"]["mid.weight"]
         )
+
+
+def test_dcp_resume_of_sgd_rmsprop_adagrad_in_new_processes_is_bit_identical(tmp_path: Path) -> None:
+    """Issue 25.1: SGD's momentum buffers (plain, nesterov, wrap()), RMSprop's and Adagrad's
+    state come back through dcp.load on both ranks, and the frozen bias, unfrozen after the
+    resume, starts from torch's first step: the resumed runs equal the uninterrupted ones."""
+    if cases.FSDP2_ON_CPU:
+        pytest.skip(cases.FSDP2_ON_CPU)
+    checkpoint = str(tmp_path / "checkpoint")
+    first = launch("dcp_optimizers_first", tmp_path / "first", checkpoint)
+    second = launch("dcp_optimizers_resume", tmp_path / "second", checkpoint)
+    for rank in range(WORLD):
+        assert first[rank].keys() == second[rank].keys()
+        for name in first[rank]:
+            saved, whole = first[rank][name]["saved"], first[rank][name]["whole"]
+            loaded, resumed = second[rank][name]["loaded"], second[rank][name]["resumed"]
+            assert same(loaded, saved), f"{name}, rank {rank}: what was loaded is not what was saved"
+            assert same(resumed, whole), f"{name}, rank {rank}: the resumed run differs"
+            # The bias was frozen at the save: its state is fresh (SGD: no buffer; the others: step 0).
+            bias = saved["state"]["mid.bias"]
+            assert (not bias) if "SGD" in name else float(bias["step"]) == 0, name
+            assert whole["state"]["mid.bias"], name  # and it has state after its first update

@@ -24,6 +24,7 @@ FLOORS: dict[str, int] = {
     "_rule": 1,
     # 2: the step machinery that applies it
     "_freeze": 2,
+    "_fresh": 2,
     "_rows": 2,
     "_capturable": 2,
     "_amp": 2,

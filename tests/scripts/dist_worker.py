@@ -18,6 +18,11 @@ Scenarios:
   dcp_first    FSDP2 + safeopt.AdamW: six steps uninterrupted (saved), then a fresh run of
                three steps saved with torch.distributed.checkpoint through get_state_dict.
   dcp_resume   New processes: a fresh model and optimizer, dcp.load + set_state_dict, steps 3-5.
+  dcp_optimizers_first CHECKPOINT_DIR, dcp_optimizers_resume CHECKPOINT_DIR
+               The same two for each optimizer of DCP_OPTIMIZERS (SGD with momentum, nesterov
+               SGD, wrap() of SGD, RMSprop, Adagrad), one checkpoint each, with the
+               frozen bias unfrozen (and the lr halved) after the save: its first update, from
+               fresh state, comes after the resume.
   flags        The zero check on DTensor grads of every placement, straight from safeopt._rule:
                nonzero in one rank's shard only, zero everywhere, pending sums that cancel.
 """
@@ -177,24 +182,43 @@ class EncoderHead(nn.Module):
         return self.head(torch.tanh(self.mid(h.detach() if detach else h)))
 
 
-def dcp_build() -> tuple[nn.Module, torch.optim.Optimizer]:
+# name: (torch class, its arguments, whether safeopt's twin runs it; else wrap() of it)
+DCP_OPTIMIZERS: dict[str, tuple[type, dict[str, Any], bool]] = {
+    "SGD": (torch.optim.SGD, {"momentum": 0.9, "dampening": 0.1}, True),
+    # torch's fused SGD has no DTensor sharding rule (aten._fused_sgd_); tests/test_dcp.py has it
+    "SGD-nesterov": (torch.optim.SGD, {"momentum": 0.9, "nesterov": True}, True),
+    "wrap-SGD": (torch.optim.SGD, {"momentum": 0.9, "dampening": 0.1}, False),
+    "wrap-RMSprop": (torch.optim.RMSprop, {"momentum": 0.9, "centered": True}, False),
+    "wrap-Adagrad": (torch.optim.Adagrad, {"initial_accumulator_value": 0.1}, False),
+}
+
+
+def dcp_build(name: str = "AdamW") -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = shard(EncoderHead())
-    opt = safeopt.AdamW(
-        [
-            {"params": model.enc.parameters(), "name": "enc"},
-            {"params": [*model.mid.parameters(), *model.head.parameters()]},
-        ],
-        lr=0.05,
-        weight_decay=0.1,
+    groups = [
+        {"params": model.enc.parameters(), "name": "enc"},
+        {"params": [*model.mid.parameters(), *model.head.parameters()]},
+    ]
+    if name == "AdamW":
+        return model, safeopt.AdamW(groups, lr=0.05, weight_decay=0.1)
+    cls, kwargs, twin = DCP_OPTIMIZERS[name]
+    twins = {torch.optim.SGD: safeopt.SGD}
+    return model, twins[cls](groups, lr=0.05, **kwargs) if twin else safeopt.wrap(
+        cls(groups, lr=0.05, **kwargs)
     )
-    return model, opt
 
 
-def dcp_train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int) -> None:
+def dcp_train(
+    model: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int, unfreeze_at: int | None = None
+) -> None:
     for step in steps:
         if step == 0:
             opt.freeze(model.mid.bias)  # one parameter, frozen by itself
+        if step == unfreeze_at:  # its first update: torch's first step with the lr of now
+            opt.unfreeze(model.mid.bias)
+            for group in opt.param_groups:
+                group["lr"] = group["lr"] / 2
         if step == 4:
             opt.freeze("enc")  # a whole group
         x = torch.randn(6, 4, generator=torch.Generator().manual_seed(100 * step + rank))
@@ -231,6 +255,40 @@ def dcp_resume(rank: int, checkpoint: str) -> dict[str, Any]:
     loaded = snapshot(model, opt)
     dcp_train(model, opt, range(DCP_SAVE_AT, DCP_STEPS), rank)
     return {"untouched": untouched, "loaded": loaded, "resumed": snapshot(model, opt)}
+
+
+def dcp_optimizers_first(rank: int, checkpoint: str) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    out = {}
+    for name in DCP_OPTIMIZERS:
+        model, opt = dcp_build(name)
+        dcp_train(model, opt, range(DCP_STEPS), rank, unfreeze_at=DCP_SAVE_AT + 1)
+        whole = snapshot(model, opt)
+        model, opt = dcp_build(name)
+        dcp_train(model, opt, range(DCP_SAVE_AT), rank, unfreeze_at=DCP_SAVE_AT + 1)
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(checkpoint, name))
+        out[name] = {"whole": whole, "saved": snapshot(model, opt)}
+    return out
+
+
+def dcp_optimizers_resume(rank: int, checkpoint: str) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    out = {}
+    for name in DCP_OPTIMIZERS:
+        model, opt = dcp_build(name)
+        model_sd, optim_sd = get_state_dict(model, opt)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=os.path.join(checkpoint, name))
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        loaded = snapshot(model, opt)
+        dcp_train(model, opt, range(DCP_SAVE_AT, DCP_STEPS), rank, unfreeze_at=DCP_SAVE_AT + 1)
+        out[name] = {"loaded": loaded, "resumed": snapshot(model, opt)}
+    return out
 
 
 # --- the zero check on DTensor grads -------------------------------------------------------------
@@ -285,6 +343,10 @@ def main() -> None:
             result = flags(rank)
         elif scenario == "dcp_resume":
             result = dcp_resume(rank, sys.argv[3])
+        elif scenario == "dcp_optimizers_first":
+            result = dcp_optimizers_first(rank, sys.argv[3])
+        elif scenario == "dcp_optimizers_resume":
+            result = dcp_optimizers_resume(rank, sys.argv[3])
         else:
             raise SystemExit(f"unknown scenario {scenario!r}")
         torch.save(result, os.path.join(out_dir, f"{scenario}-rank{rank}.pt"))

@@ -1,0 +1,173 @@
+"""Fresh state: what safeopt keeps for an idle parameter that has a grad, before its first update.
+
+torch's step gives every parameter with a grad its state, zero grads included, and
+``torch.distributed.checkpoint`` relies on that: ``get_state_dict`` materialises a new optimizer's
+state by one step on zero grads, and ``dcp.load`` fills only the keys that state has. So safeopt
+gives an idle parameter with a grad the state torch's ``_init_group`` makes for it, marked
+:class:`Fresh`, and no update touches it. Nothing of it may show in the parameter's first update,
+which is torch's first step with the settings of that moment (the learning rate that Rprop and
+ASGD copy into their state, ``amsgrad`` switched on meanwhile): at that update the fresh state is
+dropped and torch makes it again (:func:`prepare`).
+
+In a state_dict (safeopt's ``state_dict()``) fresh state is a plain dict; torch's SGD, which makes
+its momentum buffer in the update itself, gets zeros in its place (what torch's step on a zero
+grad makes), and each param group with momentum lists the positions of such placeholders under
+``"fresh_params"``. A load marks fresh again what was fresh (:func:`loaded`): state with ``step``
+0 of torch's optimizers that count from 1 at a parameter's first update, and the listed SGD
+placeholders.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from safeopt import _rows
+from safeopt._rule import GroupPlan
+from safeopt._torch_compat import MOMENTUM_BUFFER, STEP, state_made_at_first_step
+
+__all__ = ["FRESH_PARAMS", "Fresh", "loaded", "prepare", "remark", "saved", "undo"]
+
+FRESH_PARAMS = "fresh_params"  # in a state_dict's SGD groups: positions whose buffer is a placeholder
+
+
+class Fresh(dict):  # type: ignore[type-arg]  # torch's per-parameter state: str keys, any values
+    """A parameter's state as torch allocated it, no update having used it yet.
+
+    Copies and pickles (``torch.save`` of a state_dict taken from torch's own method) as an
+    ``OrderedDict``, a type ``torch.load(weights_only=True)`` accepts; ``deepcopy`` keeps the mark.
+    """
+
+    __slots__ = ()
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return (collections.OrderedDict, (), None, None, iter(self.items()))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Fresh:
+        return Fresh(copy.deepcopy(dict(self), memo))
+
+
+Dropped = list[tuple[torch.Tensor, "Fresh"]]
+
+
+def prepare(
+    optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]], plans: Sequence[GroupPlan]
+) -> Dropped:
+    """Before a step: fresh state for the idle parameters with a grad that have none, and no fresh
+    state for the parameters this step updates (torch makes it at their first update). Returns
+    what it dropped, for :func:`undo` when the step fails."""
+    state = optimizer.state
+    # One walk over the state by items (no tensor hashed) finds the fresh entries; most steps have
+    # none among the parameters they update.
+    fresh = {id(p) for p, entry in state.items() if type(entry) is Fresh}
+    dropped: Dropped = []
+    for group, plan in zip(groups, plans):
+        if fresh:
+            for p in _stepped(plan):
+                if id(p) in fresh:
+                    dropped.append((p, state.pop(p)))
+        if plan.idle_with_grad:
+            _allocate(optimizer, group, [p for p in plan.idle_with_grad if not state.get(p)])
+    return dropped
+
+
+def undo(optimizer: torch.optim.Optimizer, dropped: Dropped) -> None:
+    """Put back the fresh state ``prepare`` dropped (a step that failed changes nothing)."""
+    for p, entry in dropped:
+        optimizer.state[p] = entry
+
+
+def _stepped(plan: GroupPlan) -> Iterator[torch.Tensor]:
+    yield from plan.active
+    for p, _, _ in plan.rows:
+        yield p
+
+
+def _allocate(optimizer: torch.optim.Optimizer, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    """torch's state for ``params``, marked fresh. A parameter whose state torch refuses to make (a
+    sparse grad for Adam, a complex parameter for fused Adam) gets none: it is idle, and such a
+    grad may not make the step fail; if it becomes active, torch's step raises its own error."""
+    if not params:
+        return
+    state = optimizer.state
+    try:
+        _rows.allocate_state(optimizer, group, params)
+    except (RuntimeError, TypeError, ValueError):  # one by one, leaving out the ones torch refuses
+        for p in params:
+            state.pop(p, None)
+        for p in params:
+            try:
+                _rows.allocate_state(optimizer, group, [p])
+            except (RuntimeError, TypeError, ValueError):
+                state.pop(p, None)
+    for p in params:
+        made = state.get(p)
+        if made is not None and type(made) is not Fresh:
+            state[p] = Fresh(made)
+
+
+def saved(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` (torch's ``state_dict()`` of ``optimizer``) with fresh state as plain dicts
+    and, for SGD with momentum, placeholders listed in ``"fresh_params"`` of every such group (an
+    empty list too: a DCP load target must have the keys its checkpoint has)."""
+    states = state_dict["state"]
+    sgd = isinstance(optimizer, torch.optim.SGD)
+    for saved_group, group in zip(state_dict["param_groups"], optimizer.param_groups):
+        placeholders = sgd and group.get("momentum", 0) != 0
+        fresh = []
+        for position, (key, p) in enumerate(zip(saved_group["params"], group["params"])):
+            entry = states.get(key)
+            if entry is None:
+                continue
+            if placeholders and MOMENTUM_BUFFER not in entry:
+                states[key] = {
+                    **entry,
+                    MOMENTUM_BUFFER: torch.zeros_like(p, memory_format=torch.preserve_format).detach(),
+                }
+                fresh.append(position)
+            elif type(entry) is Fresh:
+                states[key] = dict(entry)
+        if placeholders:
+            saved_group[FRESH_PARAMS] = fresh
+    return state_dict
+
+
+def loaded(optimizer: torch.optim.Optimizer, had_state: set[int]) -> None:
+    """After torch's ``load_state_dict``: mark fresh what the loaded state_dict held fresh.
+
+    Fresh state loaded into a parameter that had no state is dropped instead (safeopt makes it
+    again when it is idle with a grad): torch's load casts its scalars (NAdam's ``mu_product``,
+    ASGD's ``eta``) to the parameter's dtype, which fresh state made by safeopt never has. A
+    placeholder SGD buffer that is not all zeros (torch stepped the state_dict meanwhile) is a
+    real buffer.
+    """
+    state = optimizer.state
+    counts_from_one = state_made_at_first_step(optimizer)
+    for group in optimizer.param_groups:
+        fresh = set(group.pop(FRESH_PARAMS, None) or ())
+        for position, p in enumerate(group["params"]):
+            entry = state.get(p)
+            if not entry:
+                continue
+            if position in fresh and MOMENTUM_BUFFER in entry and not _any(entry[MOMENTUM_BUFFER]):
+                state[p] = Fresh({k: v for k, v in entry.items() if k != MOMENTUM_BUFFER})
+            elif STEP in entry and float(entry[STEP]) == 0:
+                if id(p) not in had_state:
+                    del state[p]
+                elif counts_from_one:
+                    state[p] = Fresh(entry)
+
+
+def remark(optimizer: torch.optim.Optimizer) -> None:
+    """Mark fresh state again after unpickling (which makes every state entry a plain dict)."""
+    loaded(optimizer, {id(p) for group in optimizer.param_groups for p in group["params"]})
+
+
+def _any(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds a nonzero; of a DTensor, its local shard (no collective)."""
+    local = getattr(t, "to_local", None)
+    return bool((local() if callable(local) else t).any())
