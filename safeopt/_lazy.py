@@ -215,7 +215,7 @@ class LazyOptimizer(FreezeAPI):
         ``lazy="rows"`` parameter also saves the ``step`` its ``row_step`` is current at
         (``_rows.stamp_counts``)."""
         saved = _rows.stamp_counts(self, super().state_dict())  # type: ignore[misc,arg-type]  # the torch class after this mixin in the MRO has it
-        return _fresh.saved(self, saved)
+        return _fresh.saved(self, saved)  # type: ignore[arg-type]  # self is also the torch optimizer (mixin)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``; freeze flags come back, a torch state_dict loads unfrozen."""
