@@ -11,16 +11,13 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from safeopt._rule import nonzero_flags
-
-if TYPE_CHECKING:
-    from typing_extensions import Self  # typing.Self from Python 3.11
 
 __all__ = ["ParamDrift", "Watch", "WatchReport", "param_names", "watch"]
 

@@ -8,6 +8,7 @@ rank 0 watches an FSDP2 job; memory is counted by tracking every tensor an opera
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import weakref
@@ -195,3 +196,94 @@ def test_the_next_step_drops_the_copies_of_a_step_that_raised() -> None:
         opt.step()
         assert live.bytes == p.numel() * 4  # the drift of the step that ran, no copy
     assert w.report().steps == 1
+
+
+# --- item 6: bench's arguments, checked before any work ---------------------------------------------
+
+
+def test_bench_rejects_an_empty_list_of_idle_fractions() -> None:
+    with pytest.raises(ValueError, match="Invalid idle: an empty list"):
+        safeopt.bench(nn.Linear(2, 2), lambda ps: torch.optim.SGD(ps, lr=0.1), idle=[])
+
+
+@pytest.mark.parametrize("idle", [1.5, -0.1, float("nan")])
+def test_bench_rejects_an_idle_fraction_out_of_range(idle: float) -> None:
+    with pytest.raises(ValueError, match="Invalid idle fraction"):
+        safeopt.bench(nn.Linear(2, 2), lambda ps: torch.optim.SGD(ps, lr=0.1), idle=idle)
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from safeopt.__main__ import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["--idle", "1.5"], "--idle"),
+        (["--idle", "-0.1"], "--idle"),
+        (["--idle", "nan"], "--idle"),
+        (["--rounds", "0"], "--rounds"),
+        (["--min-run-time", "0"], "--min-run-time"),
+        (["--dtype", "nosuch"], "--dtype"),
+        (["--dtype", "int64"], "--dtype"),  # randn cannot fill it
+        (["--optimizer", "lr_scheduler"], "--optimizer"),
+        (["--optimizer", "Optimizer"], "--optimizer"),
+        (["--tensors", "99999999999999999999x1"], "--tensors"),
+        (["--device", "nosuchdevice"], "--device"),
+    ],
+)
+def test_the_command_rejects_bad_values_in_one_line_with_status_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str], option: str
+) -> None:
+    import safeopt.__main__ as cli
+
+    def no_work(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("bench ran")
+
+    monkeypatch.setattr(cli, "bench", no_work)  # a bad value must be found before any work
+    code, _, err = _cli(["bench", *argv], capsys)
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"safeopt bench: error: argument {option}: "), err
+
+
+def test_demo_reports_the_file_it_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    code, out, _ = _cli(["demo", "--out", str(tmp_path / "noext")], capsys)
+    assert code == 0
+    assert f"plot: {tmp_path / 'noext.png'}\n" in out
+    assert (tmp_path / "noext.png").is_file() and not (tmp_path / "noext").exists()
+
+
+@pytest.mark.parametrize("where", ["missing folder", "a folder", "read-only folder", "unknown extension"])
+def test_demo_refuses_an_output_it_cannot_write_before_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    import safeopt._demo
+
+    def no_work() -> None:
+        raise AssertionError("the demo ran")
+
+    monkeypatch.setattr(safeopt._demo, "run_all", no_work)
+    out = {
+        "missing folder": tmp_path / "nosuch" / "plot.png",
+        "a folder": tmp_path,
+        "read-only folder": tmp_path / "ro" / "plot.png",
+        "unknown extension": tmp_path / "plot.nosuchformat",
+    }[where]
+    if where == "read-only folder":
+        (tmp_path / "ro").mkdir(mode=0o555)
+        if os.access(tmp_path / "ro", os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+    if where == "unknown extension":
+        pytest.importorskip("matplotlib")
+    code, _, err = _cli(["demo", "--out", str(out)], capsys)
+    assert code == 2, err
+    assert err.strip().splitlines()[-1].startswith("safeopt demo: error: argument --out: "), err
