@@ -145,6 +145,8 @@ def test_every_option_has_a_help_text() -> None:
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     for p in [parser, *commands.choices.values()]:
         for action in p._actions:
+            if not action.option_strings:
+                continue  # the command name: described by each command's help
             assert action.help, f"{p.prog}: {action.option_strings or action.dest} has no help"
 
 
