@@ -7,6 +7,9 @@
    ``repo/<its path>``, and the link is rewritten to it. A link to a file that does not exist is
    left alone, so ``--strict`` still fails on it.
 2. Docstrings use Sphinx roles (``:meth:`freeze```); the role prefix is dropped from the HTML.
+3. A page includes a repository file with a line ``<!-- include: examples/x.py -->``, which a
+   code host hides (the page links the file next to it) and the site replaces with the file: a
+   code block for source, the text itself for Markdown (through ``pymdownx.snippets``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from mkdocs.structure.files import File, Files
 LINK = re.compile(r"(\]\()([^)\s#]+)(#[^)\s]*)?((?:\s+\"[^\"]*\")?\))")
 ROLE = re.compile(r":(?:meth|class|func|attr|mod|data|obj):(?=<code)")
 PREFIX = "repo"
+INCLUDE = re.compile(r"^<!-- include: (\S+) -->$", re.MULTILINE)
+LANGUAGES = {".py": "python", ".json": "json", ".toml": "toml", ".txt": "text"}
 
 
 def _root(config: Any) -> Path:
@@ -73,7 +78,16 @@ def on_files(files: Files, config: Any) -> Files:
     return files
 
 
+def _include(match: re.Match[str]) -> str:
+    path = match.group(1)
+    snippet = f'--8<-- "{path}"'
+    if path.endswith(".md"):
+        return snippet
+    return f"```{LANGUAGES.get(posixpath.splitext(path)[1], '')}\n{snippet}\n```"
+
+
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
+    markdown = INCLUDE.sub(_include, markdown)
     here = posixpath.dirname(page.file.src_uri)
     rewrites = {
         link: posixpath.relpath(_site_uri(config, target), here or ".")

@@ -1,8 +1,12 @@
-"""``python -m safeopt``: the command line (``demo`` and ``bench``); the work is done elsewhere.
+"""``python -m safeopt`` and the ``safeopt`` command: ``demo`` and ``bench``; the work is done elsewhere.
 
 ``demo``: the ghost update, measured with torch.optim and with safeopt, on the scenarios of
 ``safeopt/_scenarios.py`` (table and plot: ``safeopt/_demo.py``). ``bench``: safeopt's step time
 against torch's on parameters of given shapes or on a model you name (``safeopt/_bench.py``).
+
+Errors follow argparse: a bad argument or environment (a module that does not import, CUDA asked
+for without CUDA, a model function that raises) is one line on stderr and exit status 2; a
+failure of the work itself one line and status 1; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,25 +24,49 @@ from typing import Any
 import torch
 from torch import nn
 
+from safeopt import __version__
 from safeopt._bench import bench
-from safeopt._demo import demo
+from safeopt._demo import check_out, demo
 
 __all__ = ["main"]
 
+DESCRIPTION = (
+    "safeopt: torch.optim optimizers that never move a parameter that took no part in a step. "
+    "'demo' shows how far parameters without a gradient drift under torch.optim and under safeopt; "
+    "'bench' times safeopt's step against torch's on your shapes or your model."
+)
+DEBUG_HELP = "on an error, show the Python traceback"
+TWINS = ("Adam", "AdamW", "SGD")  # the classes with a safeopt twin (lazy="rows" needs one)
+BENCH_MEMORY = 6  # bench holds the parameters, their grads and two optimizers' state: about 6x for Adam
 
-def _optimizer(spec: str) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
-    """``"AdamW(lr=1e-3, fused=True)"``: a torch.optim class and literal keyword arguments."""
-    try:
-        call = ast.parse(spec if "(" in spec else spec + "()", mode="eval").body
-        if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
-            raise ValueError
-        cls = getattr(torch.optim, call.func.id)
-        kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg is not None}
-    except (SyntaxError, ValueError, AttributeError):
-        raise argparse.ArgumentTypeError(
-            f"{spec!r}: expected a torch.optim class with literal keyword arguments, e.g. 'AdamW(lr=1e-3, fused=True)'"
-        ) from None
-    return lambda params: cls(params, **kwargs)
+
+class _Optimizer:
+    """``"AdamW(lr=1e-3, fused=True)"``: a torch.optim optimizer class and literal keyword arguments."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        example = "e.g. 'AdamW(lr=1e-3, fused=True)'"
+        try:
+            call = ast.parse(spec if "(" in spec else spec + "()", mode="eval").body
+            if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
+                raise ValueError
+            self.kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg is not None}
+        except (SyntaxError, ValueError):
+            raise argparse.ArgumentTypeError(
+                f"{spec!r}: expected a torch.optim class with literal keyword arguments, {example}"
+            ) from None
+        cls = getattr(torch.optim, call.func.id, None)
+        if (
+            not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer))
+            or cls is torch.optim.Optimizer
+        ):
+            raise argparse.ArgumentTypeError(
+                f"{spec!r}: {call.func.id} is not a torch.optim optimizer class, {example}"
+            )
+        self.cls: type[torch.optim.Optimizer] = cls
+
+    def __call__(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return self.cls(params, **self.kwargs)
 
 
 def _tensors(spec: str) -> tuple[int, tuple[int, ...]]:
@@ -50,42 +80,211 @@ def _tensors(spec: str) -> tuple[int, tuple[int, ...]]:
     return count, tuple(shape)
 
 
-def _model(spec: str) -> Any:
-    """``"package.module:function"``: called with no arguments, it returns a module or its parameters."""
+def _model(spec: str) -> str:
+    """``"package.module:function"``, checked for its form here; imported after parsing (``--debug``)."""
     module, _, name = spec.partition(":")
-    if not module or not name:
+    if not module or not name or not name.isidentifier():
         raise argparse.ArgumentTypeError(f"{spec!r}: expected MODULE:FUNCTION, e.g. mypackage.models:build")
-    return getattr(importlib.import_module(module), name)
+    return spec
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a fraction from 0 to 1, e.g. 0.5")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of seconds, e.g. 1")
+    return value
+
+
+def _dtype(text: str) -> torch.dtype:
+    dtype = getattr(torch, text, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a floating point torch dtype, e.g. float32, bfloat16 or float16"
+        )
+    return dtype
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a torch device, e.g. cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu"
+        )
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {_first_line(e)}") from None
+    return device
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _memory_bytes(device: torch.device) -> int | None:
+    """Total memory of ``device`` (the machine's for the CPU); None when unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[1])
+        if device.type == "cpu":
+            return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return None
+
+
+def _check_size(
+    tensors: list[tuple[int, tuple[int, ...]]], dtype: torch.dtype, device: torch.device
+) -> str | None:
+    """An error message when the parameters asked for cannot fit, else None."""
+    size = sum(count * math.prod(shape) for count, shape in tensors) * dtype.itemsize
+    total = _memory_bytes(device)
+    if total is not None and BENCH_MEMORY * size > total:
+        spec = " ".join("x".join(map(str, (count, *shape))) for count, shape in tensors)
+        return (
+            f"argument --tensors: {spec}: {size / 2**30:.3g} GiB of parameters; bench needs about "
+            f"{BENCH_MEMORY}x that (grads and two optimizers' state), more than the {total / 2**30:.3g} GiB "
+            f"of {device.type}"
+        )
+    return None
+
+
+def _load_model(spec: str) -> Callable[[], Any]:
+    """Import MODULE from ``spec`` as ``python -m`` would (the current folder first) and get FUNCTION."""
+    module_name, _, name = spec.partition(":")
+    if not any(entry in ("", os.getcwd()) for entry in sys.path):
+        # The console script puts its own folder first; ``python -m safeopt`` puts the current one.
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module_name + ".").startswith(e.name + "."):  # not what it imports
+            raise _Usage(
+                f"argument --model: {spec!r}: no module named {e.name!r} (run from the folder that holds it, "
+                "or add that folder to PYTHONPATH)"
+            ) from e
+        raise _Usage(f"argument --model: {spec!r}: importing {module_name} failed: {_first_line(e)}") from e
+    except Exception as e:
+        raise _Usage(f"argument --model: {spec!r}: importing {module_name} failed: {_first_line(e)}") from e
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise _Usage(f"argument --model: {spec!r}: {module_name} has no function {name!r}")
+    return function  # type: ignore[no-any-return]  # a callable found by name at run time
+
+
+def _tensor_list(built: Any) -> list[torch.Tensor]:
+    """``built`` as a list of tensors, or [] when it is not an iterable of tensors."""
+    try:
+        tensors = list(built)
+    except TypeError:
+        return []
+    return tensors if all(isinstance(t, torch.Tensor) for t in tensors) else []
+
+
+class _Usage(Exception):
+    """A bad argument found after parsing: reported as argparse reports its own (status 2)."""
 
 
 def _bench(args: argparse.Namespace) -> int:
-    with torch.device(args.device):
-        if args.model is not None:
-            model = args.model()
-        else:
+    device: torch.device = args.device
+    if args.model is None:
+        message = _check_size(args.tensors, args.dtype, device)
+        if message is not None:
+            raise _Usage(message)
+    if args.idle_by == "rows" and args.optimizer.cls.__name__ not in TWINS:
+        raise _Usage(
+            f"argument --idle-by: rows needs one of {', '.join(TWINS)} (the optimizers with a row-lazy "
+            f"safeopt twin), not {args.optimizer.cls.__name__}"
+        )
+    try:  # the options, on a parameter of the device: a bad one is found before any work
+        args.optimizer([nn.Parameter(torch.zeros(1, device=device))])
+    except Exception as e:
+        raise _Usage(f"argument --optimizer: {args.optimizer.spec!r}: {_first_line(e)}") from e
+    model: nn.Module | list[torch.Tensor]
+    if args.model is not None:
+        function = _load_model(args.model)
+        with torch.device(device):
+            try:
+                built = function()
+            except Exception as e:
+                raise _Usage(f"argument --model: {args.model}() raised {_first_line(e)}") from e
+        model = built if isinstance(built, nn.Module) else _tensor_list(built)
+        if not isinstance(model, nn.Module) and not model:
+            raise _Usage(f"argument --model: {args.model}() must return an nn.Module or its parameters")
+    else:
+        with torch.device(device):
             model = [
                 nn.Parameter(torch.randn(shape, dtype=args.dtype))
                 for n, shape in args.tensors
                 for _ in range(n)
             ]
-    bench(
-        model,
-        args.optimizer,
-        idle=args.idle,
-        idle_by=args.idle_by,
-        rounds=args.rounds,
-        min_run_time=args.min_run_time,
-    )
+    try:
+        bench(
+            model,
+            args.optimizer,
+            idle=args.idle,
+            idle_by=args.idle_by,
+            rounds=args.rounds,
+            min_run_time=args.min_run_time,
+        )
+    except ValueError as e:  # bench()'s own check of what it was given
+        raise _Usage(str(e)) from e
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="safeopt", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="show how far idle parameters drift under torch.optim and under safeopt")
-    d.add_argument("--out", type=Path, default=Path("safeopt-demo.png"), help="where to write the plot (PNG)")
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safeopt", description=DESCRIPTION)
+    parser.add_argument(
+        "--version", action="version", version=f"safeopt {__version__} (torch {torch.__version__})"
+    )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench}")
+    d = sub.add_parser(
+        "demo",
+        help="show how far idle parameters drift under torch.optim and under safeopt",
+        description="Five training loops people run, each with torch.optim and with safeopt: how far "
+        "the parameters without a gradient drift under each, as a table and a plot.",
+    )
+    d.add_argument(
+        "--out",
+        type=Path,
+        default=Path("safeopt-demo.png"),
+        help="where to write the plot (default safeopt-demo.png; .png when no extension is given)",
+    )
     d.add_argument("--no-plot", action="store_true", help="print the table only")
-    b = sub.add_parser("bench", help="time safeopt's step against torch's, interleaved in one process")
+    b = sub.add_parser(
+        "bench",
+        help="time safeopt's step against torch's, interleaved in one process",
+        description="Time optimizer.step() of safeopt against torch on the same parameters and grads, "
+        "in interleaved rounds, and print the times, their ratio and the memory a step allocates.",
+    )
     what = b.add_mutually_exclusive_group()
     what.add_argument(
         "--tensors",
@@ -98,32 +297,77 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--model",
         type=_model,
         metavar="MODULE:FUNCTION",
-        help="a function returning your model (nn.Module) or its parameters",
+        help="a function, called with no arguments, that returns your model (nn.Module) or its "
+        "parameters; MODULE is imported from the current folder or the Python path",
     )
     b.add_argument(
         "--optimizer",
-        type=_optimizer,
-        default=_optimizer("AdamW"),
+        type=_Optimizer,
+        default=_Optimizer("AdamW"),
         metavar="'CLASS(KEY=VALUE, ...)'",
         help="a torch.optim class and its options (default AdamW)",
     )
-    b.add_argument("--idle", type=float, nargs="+", default=[0.0, 0.5], help="fractions idle (default 0 0.5)")
+    b.add_argument(
+        "--idle",
+        type=_fraction,
+        nargs="+",
+        default=[0.0, 0.5],
+        metavar="FRACTION",
+        help="fractions of the work without a gradient, one row each (default 0 0.5)",
+    )
     b.add_argument(
         "--idle-by",
         choices=["zero", "freeze", "rows"],
         default="zero",
-        help="how the idle part gets no gradient (default zero grads)",
+        help="how the idle part gets no gradient: all-zero grads, frozen in safeopt, or zero rows "
+        "of every matrix with lazy='rows' (default zero)",
     )
-    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    b.add_argument("--dtype", type=lambda s: getattr(torch, s), default=torch.float32, help="for --tensors")
-    b.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
-    b.add_argument("--min-run-time", type=float, default=1.0, help="seconds timed per side (default 1)")
+    b.add_argument(
+        "--device",
+        type=_device,
+        default=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+        help="where the parameters live, e.g. cpu or cuda:1 (default cuda when available, else cpu)",
+    )
+    b.add_argument(
+        "--dtype",
+        type=_dtype,
+        default=torch.float32,
+        help="the parameters' dtype with --tensors, e.g. bfloat16 (default float32)",
+    )
+    b.add_argument("--rounds", type=_positive_int, default=7, help="interleaved timing rounds (default 7)")
+    b.add_argument("--min-run-time", type=_seconds, default=1.0, help="seconds timed per side (default 1)")
+    for command in (d, b):
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return demo(None if args.no_plot else args.out)
-    if args.tensors is None:
-        args.tensors = [_tensors("100x2000")]
-    return _bench(args)
+    try:
+        if args.command == "demo":
+            out = None
+            if not args.no_plot:
+                try:
+                    out = check_out(args.out)
+                except ValueError as e:
+                    raise _Usage(f"argument --out: {e}") from e
+            return demo(out)
+        if args.tensors is None:
+            args.tensors = [_tensors("100x2000")]
+        return _bench(args)
+    except _Usage as e:
+        if args.debug:
+            raise
+        print(f"safeopt {args.command}: error: {e}", file=sys.stderr)  # as argparse words its own
+        return 2
+    except Exception as e:
+        if args.debug:
+            raise
+        print(
+            f"safeopt {args.command}: error: {_first_line(e)} (--debug shows the traceback)", file=sys.stderr
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -159,6 +159,8 @@ def bench(
     if idle_by not in ("zero", "freeze", "rows"):
         raise ValueError(f'Invalid idle_by: {idle_by!r}; expected "zero", "freeze" or "rows"')
     fractions = [float(idle)] if isinstance(idle, (int, float)) else [float(f) for f in idle]
+    if not fractions:
+        raise ValueError("Invalid idle: an empty list; expected a fraction from 0 to 1, or a list of them")
     for f in fractions:
         if not 0.0 <= f <= 1.0:
             raise ValueError(f"Invalid idle fraction: {f}; expected a number from 0 to 1")

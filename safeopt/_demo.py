@@ -6,6 +6,7 @@ the plot skipped, with a note.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 from safeopt._scenarios import Result, run_all
 from safeopt._watch import WatchReport
 
-__all__ = ["demo", "plot", "table"]
+__all__ = ["check_out", "demo", "plot", "table"]
 
 
 def table(results: Sequence[Result]) -> str:
@@ -78,11 +79,45 @@ def plot(results: Sequence[Result], out: Path) -> None:
     fig.savefig(out, dpi=100)
 
 
+def check_out(out: Path) -> Path:
+    """The file the plot goes to: ``out``, with ``.png`` added when it has no extension.
+
+    Raises ValueError, before any work, when the folder is missing or not writable, ``out`` is a
+    folder, or matplotlib (when installed) cannot write the extension.
+    """
+    if out.is_dir():
+        raise ValueError(
+            f"{str(out)!r} is a folder; give a file name, e.g. {str(out / 'safeopt-demo.png')!r}"
+        )
+    if not out.suffix:
+        out = out.with_name(out.name + ".png")  # what matplotlib would write: say so up front
+    folder = out.parent
+    if not folder.is_dir():
+        raise ValueError(f"{str(out)!r}: the folder {str(folder)!r} does not exist")
+    if out.is_dir():
+        raise ValueError(f"{str(out)!r} is a folder; give a file name")
+    if not os.access(out if out.exists() else folder, os.W_OK):
+        raise ValueError(f"{str(out)!r}: not writable")
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return out  # no plot will be written; demo() says so
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix[1:].lower() not in formats:
+        raise ValueError(
+            f"{str(out)!r}: matplotlib cannot write {out.suffix}; use one of .{', .'.join(sorted(formats))}"
+        )
+    return out
+
+
 def demo(out: Path | None = Path("safeopt-demo.png")) -> int:
     """Run every scenario, print the table, write the plot to ``out`` (None: no plot).
 
-    Returns 0, or 1 if a safeopt optimizer moved a parameter that had no gradient.
+    ``out`` is checked first (:func:`check_out`): a path it refuses raises ValueError before any
+    scenario runs. Returns 0, or 1 if a safeopt optimizer moved a parameter that had no gradient.
     """
+    if out is not None:
+        out = check_out(out)
     start = time.perf_counter()
     results = run_all()
     print(table(results))

@@ -74,7 +74,9 @@ def _select(param_groups: Sequence[dict[str, Any]], target: Any) -> _Selection:
         held = [at for p in target.parameters() for at in where.get(id(p), [])]
         if not held:
             raise ValueError(
-                f"none of the parameters of the {type(target).__name__} module is held by this optimizer"
+                f"none of the parameters of the module {type(target).__name__} (id {id(target):#x}, "
+                f"{sum(1 for _ in target.parameters())} parameter(s)) is held by this optimizer; pass a "
+                "module whose parameters the optimizer was built with (or add them with add_param_group())"
             )
         return _Selection([], held)
     if isinstance(target, Iterable):

@@ -2,23 +2,22 @@
 
 The watch is a pair of torch step hooks (public API): before a step it copies every parameter
 that has no gradient (None or all zero), after the step it compares. Nothing else is touched, so
-the optimizer computes exactly what it computed unwatched.
+the optimizer computes exactly what it computed unwatched. It never communicates: a DTensor
+parameter is judged by this rank's shard alone (a diagnostic may run on one rank only).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from safeopt._rule import nonzero_flags
-
-if TYPE_CHECKING:
-    from typing_extensions import Self  # typing.Self from Python 3.11
 
 __all__ = ["ParamDrift", "Watch", "WatchReport", "param_names", "watch"]
 
@@ -55,13 +54,28 @@ def param_names(model: nn.Module | None, optimizer: Optimizer) -> dict[int, str]
     return names
 
 
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (reading it communicates nothing); any other tensor itself."""
+    module = sys.modules.get("torch.distributed.tensor")  # imported by whoever made a DTensor
+    dtensor = getattr(module, "DTensor", None)
+    if dtensor is not None and isinstance(t, dtensor):
+        local: Tensor = t.to_local()
+        return local
+    return t
+
+
 def _changed(before: Tensor, after: Tensor) -> bool:
     if before.shape != after.shape or before.dtype != after.dtype:
         return True
-    differs = after != before
+    if torch.equal(after, before):  # the usual answer, and on the CPU without a temporary
+        return False
+    same = after == before
     if after.is_floating_point() or after.is_complex():
-        differs &= ~(after.isnan() & before.isnan())  # NaN that stayed NaN did not move
-    return bool(differs.any())
+        nan = after.isnan()
+        nan &= before.isnan()
+        same |= nan  # NaN that stayed NaN did not move
+        del nan
+    return not bool(same.all())
 
 
 class _Record:
@@ -187,15 +201,16 @@ class Watch:
         return out
 
     def _before(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._pending = (False, [])  # a step that raised left its copies here: drop them first
         params = self._params()
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         with torch.no_grad():
             if closure is not None:
                 # The closure makes the grads inside step(): copy everything, decide afterwards.
-                self._pending = (True, [(p, p.detach().clone()) for p in params])
+                self._pending = (True, [(p, _local(p.detach()).clone()) for p in params])
                 return
             idle = _without_grad(params)
-            self._pending = (False, [(p, p.detach().clone()) for p in idle])
+            self._pending = (False, [(p, _local(p.detach()).clone()) for p in idle])
 
     def _after(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         late, copies = self._pending
@@ -203,23 +218,29 @@ class Watch:
         if late:
             idle = {id(p) for p in _without_grad([p for p, _ in copies])}
             copies = [(p, before) for p, before in copies if id(p) in idle]
+        copies.reverse()  # popped from the end, in order: each copy is freed once it is read
         names: dict[int, str] | None = None
         with torch.no_grad():
-            for p, before in copies:
+            while copies:
+                p, before = copies.pop()
                 record = self._records.get(p)
                 if record is None:
                     names = names or param_names(self._model, self._optimizer)
                     record = self._records[p] = _Record(names.get(id(p), "?"))
                 record.idle_steps += 1
-                after = p.detach()
+                after = _local(p.detach())
                 if not _changed(before, after):
                     continue
                 record.moved_steps += 1
                 if after.shape != before.shape:
                     continue  # replaced by a tensor of another shape: nothing to add up
+                # The change is made in the copy's memory (after - before == -before + after,
+                # exactly), so a step holds the copy and the drift, no third tensor.
                 dtype = torch.promote_types(after.dtype, torch.float32)
-                delta = after.to(dtype) - before.to(dtype)
+                delta = (before if before.dtype == dtype else before.to(dtype)).neg_().add_(after)
+                del before
                 record.drift = delta if record.drift is None else record.drift.add_(delta)
+                del delta
                 sq = float(torch.linalg.vector_norm(record.drift)) ** 2
                 self._sq += sq - record.sq
                 record.sq = sq
@@ -238,10 +259,14 @@ class Watch:
         return WatchReport(self._steps, rows, list(self._history))
 
     def remove(self) -> None:
-        """Remove the hooks: the optimizer is as it was before :func:`watch`."""
+        """Remove the hooks: the optimizer is as it was before :func:`watch`.
+
+        Also drops the copies a step that raised left behind (its post-hook never ran).
+        """
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._pending = (False, [])
 
     def __enter__(self) -> Self:
         return self
@@ -255,9 +280,11 @@ class Watch:
 
 
 def _without_grad(params: Iterable[Tensor]) -> list[Tensor]:
+    """The parameters whose grad is None or all zero, on this rank: a DTensor grad by its local
+    shard, so that nothing here is a collective (safeopt's step decides across ranks instead)."""
     params = list(params)
     with_grad = [p for p in params if p.grad is not None]
-    flags = dict(zip(map(id, with_grad), nonzero_flags([p.grad for p in with_grad])))  # type: ignore[misc]  # with_grad holds parameters whose grad is not None
+    flags = dict(zip(map(id, with_grad), nonzero_flags([_local(p.grad) for p in with_grad])))  # type: ignore[arg-type]  # with_grad holds parameters whose grad is not None
     return [p for p in params if not flags.get(id(p), False)]
 
 
@@ -273,8 +300,12 @@ def watch(optimizer: Optimizer, model: nn.Module | None = None) -> Watch:
     they are named by position, ``param_groups[g][i]``.
 
     Cost: a copy of the parameters without a gradient during each step, and one tensor per
-    parameter that moved, holding the sum of its moves. With a closure (``step(closure)``) every
-    parameter is copied, since the grads are only made inside the step.
+    parameter that moved, holding the sum of its moves (at least float32). With a closure
+    (``step(closure)``) every parameter is copied, since the grads are only made inside the step.
+    The copies of a step that raised are dropped by the next step or by ``remove()``.
+
+    It never communicates: a DTensor parameter (FSDP2) is judged by this rank's shard of its
+    grad and its drift is that shard's, so it may watch on one rank only; each rank reports its own.
 
     Returns a :class:`Watch`: ``.report()`` gives a :class:`WatchReport` (falsy when no ghost
     update happened; ``print()`` it for a table), ``.remove()`` takes the hooks off, and

@@ -462,6 +462,10 @@ def _cell(check: Callable[[], str]) -> str:
         return f"no: raises {type(e).__name__}: {_short(e)}"
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
+
+
 def _short(e: BaseException) -> str:
     text = str(e).splitlines()[0] if str(e) else ""
     return text[:90] + ("…" if len(text) > 90 else "")
@@ -479,7 +483,7 @@ def row(entry: Entry) -> dict[str, str]:
     try:
         safeopt.wrap(bare)
     except (TypeError, ValueError) as e:
-        return {**out, "accepted": f"refused: {_short(e)}"}
+        return {**out, "accepted": f"refused: {_first_line(e)}"}  # the reason, whole
     out["accepted"] = "yes"
     both = _cell(lambda: "|".join(_run(entry, strict=False)))
     out["parity"], out["idle untouched"] = both.split("|") if "|" in both else (both, both)
@@ -517,7 +521,11 @@ def render(rows: dict[str, dict[str, str]]) -> str:
         + ".",
         "",
         "Columns: **bare, zero grads**: whether the optimizer alone moves a parameter whose grad is",
-        "all zero (the ghost update safeopt removes); **accepted**: `wrap()` takes it (or refuses it, saying why); **parity**: every",
+        "all zero (the ghost update safeopt removes), built with the options `tests/compat_matrix.py`",
+        "gives it: a learning rate and otherwise its defaults (`SGD` with `momentum=0.9`), so no weight",
+        "decay and no momentum unless it is a default. Other options change the answer: `RMSprop` and",
+        "`Adagrad`, which keep idle parameters here, move them with `weight_decay` (and `RMSprop` with",
+        "`momentum`); **accepted**: `wrap()` takes it (or refuses it, saying why); **parity**: every",
         "parameter and its state bit-identical (`torch.equal`) to the bare optimizer given None for",
         "the inactive parameters (and not stepped when none is active); **idle untouched**: an",
         "inactive parameter, its grad (the same object) and its state are bit-identical after the",

@@ -80,7 +80,7 @@ def test_module_target_takes_only_the_parameters_the_optimizer_holds() -> None:
     opt = safeopt.SGD(model.a.parameters(), lr=0.1)
     opt.freeze(model)
     assert opt.is_frozen(model.a) and opt.is_frozen(model)
-    with pytest.raises(ValueError, match="none of the parameters of the Linear module"):
+    with pytest.raises(ValueError, match="none of the parameters of the module Linear"):
         opt.freeze(model.b)
 
 
@@ -147,7 +147,7 @@ def test_add_param_group_accepts_frozen_and_lazy() -> None:
             ValueError,
             "tensor of shape \\(7, 2\\), dtype torch.float32 is not held",
         ),
-        (nn.Linear(1, 1), ValueError, "none of the parameters of the Linear module"),
+        (nn.Linear(1, 1), ValueError, "none of the parameters of the module Linear"),
         ([], ValueError, "empty"),
         ([1.0], TypeError, "expected an iterable of parameters, found float"),
         (True, TypeError, "not a bool"),
