@@ -1,7 +1,7 @@
 """The life of an optimizer, as a hypothesis state machine, against torch on the active parameters.
 
 One run draws a configuration (``safeopt.Adam``/``AdamW``/``SGD`` or ``safeopt.wrap`` of a torch
-class, ``CONFIGS``) and a model of 1-4 tiny parameters (real, non-contiguous, complex, an
+class, ``CONFIGS``) and a model of 1-4 tiny parameters (up to 6 with added groups) (real, non-contiguous, complex, an
 embedding table that takes sparse grads; optionally one held twice) in one or two param groups.
 Its rules then live an optimizer's life: steps with grads of every kind (``None``, zero, ``-0.0``,
 NaN, inf, subnormal first or last, non-contiguous, sparse, complex, ZeroTensor), steps through a
@@ -10,7 +10,9 @@ active one), and steps that raise (a closure that raises; a grad or a state torc
 freeze/unfreeze/``frozen()`` of every target kind; ``add_param_group``; hyperparameter changes as
 schedulers make them (lr, weight_decay, betas, momentum, ...) and ``amsgrad``/``maximize``
 toggles; checkpoints into safeopt, through the torch class and back, and ``deepcopy``; a
-checkpoint may come between any two steps.
+checkpoint may come between any two steps. ``HyperparameterMachine`` and ``FusedMachine`` run the
+same rules on the configurations where state depends on the hyperparameters of the moment it is
+made, and on the fused kernels (GradScaler's skipped steps), which draws over all reach rarely.
 
 The oracle is torch: a torch optimizer over clones of the parameters, with the same groups,
 options and changes, given grads only on the parameters the rule makes active (the frozen flags
@@ -18,7 +20,8 @@ are modelled here, never read back). After every step: inactive parameters, thei
 state are bit-identical to before (state is fresh where there was none); users' grads are the same
 objects with the same bits; a step torch refuses raises torch's error and changes nothing; a step
 torch takes without error does not raise. After every rule: every parameter and its state are
-bit-identical to torch's, and ``is_frozen`` says what the model says.
+bit-identical to torch's, and ``is_frozen`` says what the model says. A step GradScaler skips for
+inf is no step: torch's reference is not stepped, and safeopt may only have made fresh state.
 
 Known bugs that other branches are fixing are areas of the machine that ``KNOWN_OPEN`` switches
 off, each narrowly (see ``AREAS``). ``SAFEOPT_LIFECYCLE_ENABLE=all`` (or a comma-separated list of
@@ -30,9 +33,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -156,7 +160,7 @@ DENSE_GRADS = ("none", "zero", "negzero", "dense", "partial", "subnormal", "subn
 GRAD_KINDS = (*DENSE_GRADS, "strided", "sparse", "sparse_zero", "sparse_cancel", "zerotensor")
 # Hyperparameters as schedulers and users change them mid-run: values per key, for the keys a group has.
 HYPER: dict[str, tuple[Any, ...]] = {
-    "lr": (0.1, 0.01, 0.0),
+    "lr": (0.1, 0.01, 0.003),
     "weight_decay": (0.0, 0.1),
     "betas": ((0.9, 0.999), (0.5, 0.9)),
     "momentum": (0.0, 0.5, 0.9),
@@ -192,15 +196,10 @@ MAX_PARAMS = 6
 
 def make_grad(p: Tensor, kind: str, gen: torch.Generator) -> Tensor | None:
     shape, dtype = tuple(p.shape), p.dtype
-    if kind in ("none", "zero", "negzero", "dense", "partial", "subnormal", "nan", "inf"):
+    if kind in ("none", "zero", "negzero", "dense", "partial", "nan", "inf"):
         return harness.make_grad(torch.empty(shape, dtype=dtype), kind, gen)
-    if kind == "subnormal_first":
-        out = harness.make_grad(torch.empty(shape, dtype=dtype), "subnormal", gen)
-        assert out is not None
-        flat = out.view(-1)
-        if flat.numel() > 1:
-            flat[0], flat[-1] = flat[-1].clone(), 0
-        return out
+    if kind in ("subnormal", "subnormal_first"):
+        return subnormal(shape, dtype, first=kind == "subnormal_first")
     if kind == "strided":  # dense values in a tensor that is not contiguous
         dense = harness.make_grad(torch.empty(shape, dtype=dtype), "dense", gen)
         big = torch.zeros((*shape, 2), dtype=dtype)
@@ -219,6 +218,20 @@ def make_grad(p: Tensor, kind: str, gen: torch.Generator) -> Tensor | None:
         rows = torch.tensor([[2, 2]])
         values = torch.stack([values[0], -values[0]])
     return torch.sparse_coo_tensor(rows, values, shape, check_invariants=True)
+
+
+def subnormal(shape: tuple[int, ...], dtype: torch.dtype, *, first: bool) -> Tensor:
+    """Zeros but one subnormal (a quarter of the smallest normal), in the first or last element
+    (the real part, for a complex dtype). Made from its bits: under ``torch.set_flush_denormal(True)``
+    arithmetic would flush it."""
+    real = dtype.to_real() if dtype.is_complex else dtype
+    mantissa = round(-math.log2(torch.finfo(real).eps))
+    size = torch.empty((), dtype=real).element_size()
+    out = torch.zeros((*shape, 2) if dtype.is_complex else shape, dtype=harness._INT_OF_SIZE[size])
+    if out.numel():
+        (out[..., 0] if dtype.is_complex else out).reshape(-1)[0 if first else -1] = 1 << (mantissa - 2)
+    out = out.view(real)
+    return torch.view_as_complex(out) if dtype.is_complex else out
 
 
 def nonzero(grad: Tensor, flush: bool) -> bool:
@@ -296,13 +309,16 @@ class Group:
 
 
 class LifecycleMachine(RuleBasedStateMachine):
+    configs: ClassVar[list[Config]] = CONFIGS
+    idle_bias: ClassVar[int] = 0  # extra draws of zero grads (idle with a grad, under lazy=True)
+
     # -- construction -------------------------------------------------------------------------------
 
     @initialize(data=st.data())
     def construct(self, data: Any) -> None:
         warnings.filterwarnings("ignore", "optimizer contains a parameter group with duplicate")
         self.flush = False
-        self.config: Config = data.draw(st.sampled_from(CONFIGS), label="config")
+        self.config: Config = data.draw(st.sampled_from(self.configs), label="config")
         self.strict = self.config.via == "wrap" and data.draw(st.booleans(), label="strict")
         self.lazy: bool = data.draw(st.booleans(), label="lazy")
         kinds = data.draw(
@@ -379,7 +395,7 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     def _grad_kinds(self, i: int) -> list[str]:
         kind = self.kinds[i]
-        out = list(DENSE_GRADS)
+        out = list(DENSE_GRADS) + ["zero", "negzero"] * self.idle_bias
         if not self.config.kwargs.get("fused"):
             # torch's CPU fused kernels read a grad with gaps as if it were contiguous (2.13: values
             # from the gaps, uninitialised memory included): torch's bug, no oracle for it.
@@ -549,8 +565,25 @@ class LifecycleMachine(RuleBasedStateMachine):
         """As an LR scheduler or a user does between steps: the same change in both optimizers."""
         if is_open("idle_state") and not self._only_what_torch_has():
             return
+        self._change_hyperparameter(data)
+
+    @rule(data=st.data())
+    def idle_change_active(self, data: Any) -> None:
+        """A parameter idle with a grad (zero, under lazy=True), a hyperparameter change, then the
+        parameter's first active step: it must be torch's first step with the settings of then."""
+        idle = [i for i in range(len(self.params)) if not self.frozen(i) and self.lazy_of(i)]
+        if not idle:
+            return
+        i = data.draw(st.sampled_from(idle), label="idle param")
+        self._step(data, f"step with param {i} idle", force={i: "zero"})
+        if is_open("idle_state") and not self._only_what_torch_has():
+            return
+        self._change_hyperparameter(data)
+        self._step(data, f"step with param {i} active", force={i: "dense"}, checkpoint=False)
+
+    def _change_hyperparameter(self, data: Any) -> None:
         g = data.draw(st.integers(0, len(self.groups) - 1), label="group")
-        keys = sorted(k for k in HYPER if k in self.ref.param_groups[g])
+        keys = ["lr", *sorted(k for k in HYPER if k in self.ref.param_groups[g])]  # lr the most often
         key = data.draw(st.sampled_from(keys), label="key")
         value = data.draw(st.sampled_from(HYPER[key]), label="value")
         note(f"param_groups[{g}][{key!r}] = {value!r}")
@@ -621,16 +654,36 @@ class LifecycleMachine(RuleBasedStateMachine):
     def closure_raises(self, data: Any) -> None:
         self._step(data, "step(closure that raises)", mode="raising_closure")
 
+    @rule(data=st.data())
+    def scheduler_step(self, data: Any) -> None:
+        """An LR scheduler's change of every group's lr, then a step."""
+        if is_open("idle_state") and not self._only_what_torch_has():
+            return
+        factor = data.draw(st.sampled_from((0.5, 0.1)), label="lr factor")
+        note(f"lr *= {factor} in every group")
+        for mine, ref in zip(self.opt.param_groups, self.ref.param_groups):
+            mine["lr"] = ref["lr"] = ref["lr"] * factor
+        self._step(data, "step after the lr change")
+
     @precondition(lambda self: not is_open("flush_denormal"))
-    @rule(on=st.booleans())
-    def flush_denormal(self, on: bool) -> None:
+    @rule(data=st.data(), on=st.booleans())
+    def flush_denormal(self, data: Any, on: bool) -> None:
+        """torch.set_flush_denormal (subnormals count as zero under it), then a step."""
         note(f"torch.set_flush_denormal({on})")
         self.flush = torch.set_flush_denormal(on) and on
+        self._step(data, f"step with flush_denormal {self.flush}")
 
-    def _draw_grads(self, data: Any, mode: str) -> tuple[list[str], list[Tensor | None]]:
+    def _draw_grads(
+        self, data: Any, mode: str, force: dict[int, str] | None = None
+    ) -> tuple[list[str], list[Tensor | None]]:
         kinds = []
         for i in range(len(self.params)):
+            if force and i in force:
+                kinds.append(force[i])
+                continue
             allowed = self._grad_kinds(i)
+            if self.flush:  # what the flush changes, more often
+                allowed += ["subnormal", "subnormal_first"] * 3
             if mode == "scaler":  # GradScaler unscales dense real grads; no inf where the step cannot see it
                 allowed = [
                     k for k in allowed if k in DENSE_GRADS and not (self.frozen(i) and k in ("nan", "inf"))
@@ -638,6 +691,10 @@ class LifecycleMachine(RuleBasedStateMachine):
                 if self.kinds[i] == "complex":
                     allowed = ["none"]
             kinds.append(data.draw(st.sampled_from(allowed), label=f"grad {i}"))
+        if mode == "scaler" and data.draw(st.booleans(), label="overflow"):  # often a first step
+            candidates = [i for i, k in enumerate(kinds) if not self.frozen(i) and self.kinds[i] != "complex"]
+            if candidates:
+                kinds[data.draw(st.sampled_from(candidates), label="inf in grad")] = "inf"
         gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="grad seed"))
         grads = [make_grad(p, kind, gen) for p, kind in zip(self.params, kinds)]
         if is_open("frozen_refused"):  # a grad torch refuses goes to an active parameter only
@@ -655,10 +712,18 @@ class LifecycleMachine(RuleBasedStateMachine):
             return False
         return not self.lazy_of(i) or nonzero(grad, self.flush)
 
-    def _step(self, data: Any, label: str, mode: str = "plain", *, checkpoint: bool = True) -> None:
-        if checkpoint and data.draw(st.booleans(), label="checkpoint first"):
+    def _step(
+        self,
+        data: Any,
+        label: str,
+        mode: str = "plain",
+        *,
+        checkpoint: bool = True,
+        force: dict[int, str] | None = None,
+    ) -> None:
+        if checkpoint and data.draw(st.integers(0, 3), label="checkpoint first (0)") == 0:
             self._checkpoint(data.draw(st.sampled_from(("safeopt", "torch")), label="through"), False)
-        kinds, grads = self._draw_grads(data, mode)
+        kinds, grads = self._draw_grads(data, mode, force)
         if mode == "scaler" and all(g is None for g in grads):
             return  # GradScaler asserts "No inf checks were recorded", for torch's optimizers too
         active = [self._active(i, g) for i, g in enumerate(grads)]
@@ -804,3 +869,34 @@ _REFUSALS: dict[tuple[str, str, str], bool] = {}
 
 TestLifecycle = LifecycleMachine.TestCase
 TestLifecycle.settings = settings(parent=settings.default)
+
+
+class HyperparameterMachine(LifecycleMachine):
+    """The configurations whose state, when torch makes it, depends on the hyperparameters of
+    that moment (Rprop's step sizes, ASGD's eta, the buffers amsgrad, momentum and centered add):
+    what random draws over every configuration reach too rarely. Idle steps with a grad are
+    drawn more often: they make such state before torch would."""
+
+    idle_bias = 2
+
+    configs: ClassVar[list[Config]] = [
+        Config(O.Rprop, {"foreach": False}, "wrap"),
+        Config(O.Rprop, {"foreach": True}, "wrap"),
+        Config(O.ASGD, {"foreach": False}, "wrap"),
+        Config(O.RMSprop, {"foreach": True}, "wrap"),
+        Config(O.Adam, {"foreach": False}, "twin"),
+        Config(O.AdamW, {"fused": True}, "twin"),
+    ]
+
+
+class FusedMachine(LifecycleMachine):
+    """The fused configurations, where GradScaler's skipped steps reach the kernels."""
+
+    configs: ClassVar[list[Config]] = [c for c in CONFIGS if c.kwargs.get("fused")]
+
+
+_FOCUSED = settings(parent=settings.default, max_examples=max(5, settings.default.max_examples * 2 // 3))
+TestHyperparameters = HyperparameterMachine.TestCase
+TestHyperparameters.settings = _FOCUSED
+TestFused = FusedMachine.TestCase
+TestFused.settings = _FOCUSED
