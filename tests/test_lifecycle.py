@@ -109,7 +109,7 @@ class Config:
         opts = ",".join(f"{k}={v}" for k, v in self.kwargs.items())
         return f"{self.via}:{self.cls.__name__}({opts})"
 
-    def make_torch(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    def make_torch(self, groups: Any) -> torch.optim.Optimizer:
         return self.cls(groups, **self.kwargs)
 
     @property
@@ -564,7 +564,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         if not foreign:
             self.opt.add_param_group(new)
         elif self.config.via == "wrap":
-            self.opt.optimizer.add_param_group(new)  # type: ignore[attr-defined]
+            assert isinstance(self.opt, safeopt.LazyWrapper)
+            self.opt.optimizer.add_param_group(new)
         else:
             torch.optim.Optimizer.add_param_group(self.opt, new)
         plain = {k: v for k, v in options.items() if k not in ("lazy", "frozen")}
@@ -745,8 +746,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             return  # GradScaler asserts "No inf checks were recorded", for torch's optimizers too
         active = [self._active(i, g) for i, g in enumerate(grads)]
         found_inf = mode == "scaler" and any(
-            a and bool(torch.isinf(g).any() or torch.isnan(g).any())  # type: ignore[arg-type]
-            for a, g in zip(active, grads)
+            a and g is not None and not bool(torch.isfinite(g).all()) for a, g in zip(active, grads)
         )
         first = [
             a and "momentum_buffer" not in self.opt.state.get(p, {}) for a, p in zip(active, self.params)
