@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -188,10 +188,12 @@ def reference_step(
     ref_params: Sequence[Tensor],
     grads: Sequence[Tensor | None],
     active: Sequence[bool],
+    copy: Callable[[Tensor], Tensor] = Tensor.clone,
 ) -> None:
-    """Step torch's optimizer with grads only on the active parameters."""
+    """Step torch's optimizer with grads only on the active parameters (``copy`` of each:
+    ``clone`` by default, which makes a non-dense grad contiguous)."""
     for p, g, a in zip(ref_params, grads, active):
-        p.grad = g.clone() if (a and g is not None) else None
+        p.grad = copy(g) if (a and g is not None) else None
     if isinstance(ref_opt, torch.optim.SGD) and any(
         g["fused"] and g["momentum"] for g in ref_opt.param_groups
     ):
