@@ -28,7 +28,7 @@ from torch import Tensor
 
 from safeopt import _device, _rule
 from safeopt._row_rule import ROWS
-from safeopt._torch_compat import MOMENTUM_BUFFER, allocate_state, skips_by_found_inf
+from safeopt._torch_compat import MOMENTUM_BUFFER, allocate_state, settle, skips_by_found_inf, twin
 
 __all__ = ["capturing", "plan", "step"]
 
@@ -118,9 +118,15 @@ def _check_started(
                 )
 
 
-def step(optimizer: torch.optim.Optimizer, torch_step: Callable[[], Any], plans: list[_Group]) -> None:
-    """Run ``torch_step()`` over the planned parameters with the skips decided on the device."""
-    groups = optimizer.param_groups
+def step(
+    optimizer: torch.optim.Optimizer,
+    groups: list[dict[str, Any]],
+    torch_step: Callable[[Any], Any],
+    plans: list[_Group],
+) -> None:
+    """Run ``torch_step(twin)`` over the planned parameters with the skips decided on the device:
+    ``twin`` is the optimizer with groups of its own (``_torch_compat.twin``), each call's
+    parameters listed there and its ``found_inf`` set there, so the optimizer stays as it is."""
     for group, entry in zip(groups, plans):
         allocate_state(optimizer, group, [p for p in entry.frozen if not optimizer.state.get(p)])
     flagged = [p for entry in plans for p in entry.flagged]
@@ -134,21 +140,15 @@ def step(optimizer: torch.optim.Optimizer, torch_step: Callable[[], Any], plans:
         for p in entry.flagged:
             calls.append(([[p] if i == gi else [] for i in range(len(groups))], skips[k]))
             k += 1
-    all_params = [group["params"] for group in groups]
-    had_found_inf = "found_inf" in vars(optimizer)
+    copy = twin(optimizer, groups)
     try:
         for params, found_inf in calls:
-            for group, listed in zip(groups, params):
-                group["params"] = listed
-            optimizer.found_inf = found_inf  # type: ignore[attr-defined]  # GradScaler's attribute, read by torch's fused step
-            torch_step()
+            for shadow, listed in zip(copy.param_groups, params):
+                shadow["params"] = listed
+            vars(copy)["found_inf"] = found_inf  # GradScaler's attribute, read by torch's fused step
+            torch_step(copy)
     finally:
-        for group, params in zip(groups, all_params):
-            group["params"] = params
-        if had_found_inf:
-            optimizer.found_inf = scaler_found_inf  # type: ignore[attr-defined]  # GradScaler's attribute, read by torch's fused step
-        else:
-            vars(optimizer).pop("found_inf", None)
+        settle(optimizer, copy, groups, own=("found_inf", "state"))
 
 
 def _skips(grads: list[Tensor], scaler_found_inf: Tensor | None) -> list[Tensor]:

@@ -98,13 +98,19 @@ def _set(param_groups: Sequence[dict[str, Any]], selection: _Selection, value: b
     for gi, pos in selection.params:
         by_group.setdefault(gi, set()).add(pos)
     for gi, positions in by_group.items():
-        current = set(param_groups[gi][FROZEN_PARAMS])
+        current = set(param_groups[gi].get(FROZEN_PARAMS, ()))
         current = current | positions if value else current - positions
         param_groups[gi][FROZEN_PARAMS] = sorted(current)
 
 
+# A group added behind safeopt's back (torch's add_param_group or load_state_dict) may lack the
+# flags: it is read as frozen=False, frozen_params=[].
+def _group_frozen(group: dict[str, Any]) -> bool:
+    return bool(group.get(FROZEN, False))
+
+
 def _param_frozen(group: dict[str, Any], pos: int) -> bool:
-    return bool(group[FROZEN]) or pos in group[FROZEN_PARAMS]
+    return _group_frozen(group) or pos in group.get(FROZEN_PARAMS, ())
 
 
 class FreezeAPI:
@@ -134,7 +140,7 @@ class FreezeAPI:
         """
         selection = _select(self.param_groups, target)
         for gi, _ in selection.params:
-            if self.param_groups[gi][FROZEN]:
+            if _group_frozen(self.param_groups[gi]):
                 raise ValueError(
                     f"cannot unfreeze a parameter of param group {gi}: the whole group is "
                     f"frozen; call unfreeze({gi}) for the group, or freeze its parameters one by one"
@@ -146,7 +152,7 @@ class FreezeAPI:
         selection = _select(self.param_groups, target)
         groups = self.param_groups
         return all(
-            groups[gi][FROZEN]
+            _group_frozen(groups[gi])
             or all(_param_frozen(groups[gi], pos) for pos in range(len(groups[gi]["params"])))
             for gi in selection.groups
         ) and all(_param_frozen(groups[gi], pos) for gi, pos in selection.params)
@@ -156,7 +162,10 @@ class FreezeAPI:
         """Freeze ``target`` inside a ``with`` block; its previous flags come back on exit."""
         selection = _select(self.param_groups, target)
         touched = set(selection.groups) | {gi for gi, _ in selection.params}
-        saved = {gi: (self.param_groups[gi][FROZEN], self.param_groups[gi][FROZEN_PARAMS]) for gi in touched}
+        saved = {
+            gi: (_group_frozen(self.param_groups[gi]), self.param_groups[gi].get(FROZEN_PARAMS, []))
+            for gi in touched
+        }
         _set(self.param_groups, selection, True)
         try:
             yield
@@ -167,5 +176,5 @@ class FreezeAPI:
                     group[FROZEN] = group_flag
                 if any(g == gi for g, _ in selection.params):
                     mine = {pos for g, pos in selection.params if g == gi}
-                    now = set(group[FROZEN_PARAMS]) - mine
+                    now = set(group.get(FROZEN_PARAMS, ())) - mine
                     group[FROZEN_PARAMS] = sorted(now | (mine & set(positions)))

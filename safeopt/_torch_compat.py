@@ -23,7 +23,9 @@ __all__ = [
     "allocate_state",
     "batches",
     "saved_as_is",
+    "settle",
     "skips_by_found_inf",
+    "twin",
     "unhooked",
     "writes_into_grads",
 ]
@@ -86,6 +88,46 @@ def unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
     if getattr(step, "hooked", False):
         return step.__wrapped__  # type: ignore[attr-defined,no-any-return]  # set by functools.wraps
     return step
+
+
+def twin(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> Any:
+    """A shallow copy of ``optimizer`` for torch's step to run on, with param groups of its own.
+
+    torch's ``step()`` reads the optimizer through ``self`` only: ``self.param_groups`` to visit,
+    ``self.state``, ``self.defaults``, GradScaler's ``grad_scale`` and ``found_inf``. The twin
+    shares every attribute with ``optimizer`` except ``param_groups``: copies of ``groups``,
+    whose ``params`` the caller sets to what the step should visit. Other threads reading the
+    optimizer during the step (``state_dict()``) see its groups whole. :func:`settle` gives the
+    optimizer what the step set on the twin.
+    """
+    copy = object.__new__(type(optimizer))
+    own = vars(copy)
+    own.update(vars(optimizer))
+    own["param_groups"] = [dict(group) for group in groups]
+    return copy
+
+
+_MISSING = object()
+
+
+def settle(
+    optimizer: torch.optim.Optimizer,
+    copy: Any,
+    groups: list[dict[str, Any]],
+    own: tuple[str, ...] = (),
+) -> None:
+    """Give ``optimizer`` the attributes a step set on its :func:`twin` (torch's fused SGD clears
+    ``_need_device_dtype_check_for_fused``, the graph check sets ``_warned_capturable_if_run_uncaptured``)
+    and the group keys other than ``params`` it wrote; ``own`` names the caller's attributes.
+    ``groups`` are the ones the twin was made from."""
+    mine = vars(optimizer)
+    for name, value in vars(copy).items():
+        if name != "param_groups" and name not in own and mine.get(name, _MISSING) is not value:
+            mine[name] = value
+    for group, shadow, real in zip(groups, copy.param_groups, optimizer.param_groups):
+        for key, value in shadow.items():
+            if key != "params" and group.get(key, _MISSING) is not value:
+                real[key] = value
 
 
 # By optimizer class. A plain dict rather than functools.cache: torch.compile traces
