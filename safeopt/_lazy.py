@@ -1,9 +1,11 @@
 """The step shared by every safeopt optimizer: torch's own step over the active parameters.
 
-torch's ``step()`` visits ``group["params"]``. For the duration of the call each
-group lists only its active parameters, so torch's kernels (forloop, foreach,
-fused, capturable) run unchanged on exactly those, and the parameters left out
-are not touched at all: not their values, not their state, not their grads.
+torch's ``step()`` visits ``group["params"]``. It runs on a twin of the optimizer
+(``_torch_compat.twin``) whose groups list only the active parameters, so torch's
+kernels (forloop, foreach, fused, capturable) run unchanged on exactly those, and the
+parameters left out are not touched at all: not their values, not their state, not
+their grads. The optimizer's own groups stay whole: another thread calling
+``state_dict()`` meanwhile sees what it would see between steps.
 """
 
 from __future__ import annotations
@@ -29,20 +31,24 @@ def lazy_step(
     hide: Literal["params", "grads"] = "params",
     pass_closure: bool = False,
 ) -> Any:
-    """Run ``step()`` on the active parameters only.
+    """Run ``step(opt)``, torch's step on ``opt``, on the active parameters only.
 
-    ``hide`` says how the step is kept from the inactive parameters: ``"params"`` lists only the
-    active ones in ``group["params"]`` for the call; ``"grads"`` leaves every list as it is and
-    sets the grad of each inactive parameter to None for the call (positions in the group stay
-    what the optimizer was built with; the grads are put back, the same objects, afterwards).
+    ``hide`` says how the step is kept from the inactive parameters: ``"params"`` hands ``step``
+    a twin of the optimizer whose groups list only the active ones (``_torch_compat.twin``);
+    ``"grads"`` hands it the optimizer itself, every list as it is, and sets the grad of each
+    inactive parameter to None for the call (positions in the group stay what the optimizer
+    was built with; the grads are put back, the same objects, afterwards).
 
-    A closure is evaluated once, before the decision, and ``step()`` gets none; with
+    A closure is evaluated once, before the decision, and ``step`` gets none; with
     ``pass_closure`` (and some grad present to decide from) the grads present decide, and
-    ``step(closure)`` gets a closure that hides the inactive parameters' grads again after each
-    evaluation (the grads they had before the step are put back afterwards).
+    ``step(opt, closure)`` gets a closure that hides the inactive parameters' grads again after
+    each evaluation (the grads they had before the step are put back afterwards).
 
     ``before(plans)``, if given, runs after the plan is made and returns a function that runs
     after the step, also when it raises (``wrap(strict=True)`` uses it).
+
+    A step that raises changes nothing safeopt did: the state given to idle parameters in this
+    call is taken back, and every grad is put back (:func:`give_back`).
     """
     loss = None
     groups = optimizer.param_groups

@@ -10,6 +10,7 @@ Where one can, a seam falls back to documented behaviour.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -99,14 +100,28 @@ def twin(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> Any:
     whose ``params`` the caller sets to what the step should visit. Other threads reading the
     optimizer during the step (``state_dict()``) see its groups whole. :func:`settle` gives the
     optimizer what the step set on the twin.
+
+    One twin per optimizer, its groups the same dicts from step to step, refreshed each time:
+    torch.compile guards a compiled step on the optimizer it was given, and a new twin every
+    step would compile torch's step again every step.
     """
-    copy = object.__new__(type(optimizer))
-    own = vars(copy)
+    made = _TWINS.get(optimizer)
+    if made is None or type(made) is not type(optimizer) or len(made.param_groups) != len(groups):
+        made = object.__new__(type(optimizer))
+        vars(made)["param_groups"] = [{} for _ in groups]
+        _TWINS[optimizer] = made
+    own = vars(made)
+    shadows = own["param_groups"]
+    own.clear()
     own.update(vars(optimizer))
-    own["param_groups"] = [dict(group) for group in groups]
-    return copy
+    own["param_groups"] = shadows
+    for shadow, group in zip(shadows, groups):
+        shadow.clear()
+        shadow.update(group)
+    return made
 
 
+_TWINS: weakref.WeakKeyDictionary[torch.optim.Optimizer, Any] = weakref.WeakKeyDictionary()
 _MISSING = object()
 
 
@@ -119,7 +134,7 @@ def settle(
     """Give ``optimizer`` the attributes a step set on its :func:`twin` (torch's fused SGD clears
     ``_need_device_dtype_check_for_fused``, the graph check sets ``_warned_capturable_if_run_uncaptured``)
     and the group keys other than ``params`` it wrote; ``own`` names the caller's attributes.
-    ``groups`` are the ones the twin was made from."""
+    ``groups`` are the ones the twin was made from. The twin keeps no parameter."""
     mine = vars(optimizer)
     for name, value in vars(copy).items():
         if name != "param_groups" and name not in own and mine.get(name, _MISSING) is not value:
@@ -128,6 +143,7 @@ def settle(
         for key, value in shadow.items():
             if key != "params" and group.get(key, _MISSING) is not value:
                 real[key] = value
+        shadow["params"] = []
 
 
 # By optimizer class. A plain dict rather than functools.cache: torch.compile traces
