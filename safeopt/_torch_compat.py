@@ -134,16 +134,21 @@ def settle(
     """Give ``optimizer`` the attributes a step set on its :func:`twin` (torch's fused SGD clears
     ``_need_device_dtype_check_for_fused``, the graph check sets ``_warned_capturable_if_run_uncaptured``)
     and the group keys other than ``params`` it wrote; ``own`` names the caller's attributes.
-    ``groups`` are the ones the twin was made from. The twin keeps no parameter."""
-    mine = vars(optimizer)
-    for name, value in vars(copy).items():
+    ``groups`` are the ones the twin was made from. The twin then holds nothing until the next
+    step: not a parameter, and nothing that may refer back to the optimizer (a step hook that
+    holds it), which would keep it alive through ``_TWINS``."""
+    mine, theirs = vars(optimizer), vars(copy)
+    for name, value in theirs.items():
         if name != "param_groups" and name not in own and mine.get(name, _MISSING) is not value:
             mine[name] = value
-    for group, shadow, real in zip(groups, copy.param_groups, optimizer.param_groups):
+    shadows = theirs["param_groups"]
+    for group, shadow, real in zip(groups, shadows, optimizer.param_groups):
         for key, value in shadow.items():
             if key != "params" and group.get(key, _MISSING) is not value:
                 real[key] = value
-        shadow["params"] = []
+        shadow.clear()
+    theirs.clear()
+    theirs["param_groups"] = shadows
 
 
 # By optimizer class. A plain dict rather than functools.cache: torch.compile traces

@@ -4,9 +4,11 @@ back, other threads reading the optimizer during a step, and load_state_dict pre
 from __future__ import annotations
 
 import copy
+import gc
 import sys
 import threading
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -232,6 +234,44 @@ def test_state_dict_from_another_thread_during_steps(make: str) -> None:
         sys.setswitchinterval(switch)
     assert step > 5
     assert not seen, f"{len(seen)} anomalies in {step} steps, first: {seen[0]}"
+
+
+def test_the_twin_keeps_no_optimizer_alive() -> None:
+    # A step hook that refers to the optimizer: a twin that kept the optimizer's attributes (its
+    # hook dicts) between steps would keep it alive.
+    params = harness.make_params([(3,)])
+    opt = safeopt.Adam(params, lr=0.1)
+    lrs: list[float] = []
+    opt.register_step_post_hook(lambda *_, held=opt: lrs.append(held.param_groups[0]["lr"]))
+    params[0].grad = torch.ones(3)
+    opt.step()
+    assert lrs == [0.1]
+    gone = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert gone() is None
+
+
+def test_a_compiled_step_compiles_torchs_step_once() -> None:
+    # torch.compile guards torch's step on the optimizer it runs on: a new twin every step would
+    # compile it again every step (up to the recompile limit, then run it eagerly).
+    torch._dynamo.reset()
+    model = nn.Linear(4, 2)
+    opt = safeopt.Adam(model.parameters(), lr=0.1)
+    x = torch.randn(3, 4)
+
+    @torch.compile(backend="eager")
+    def train() -> None:
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    for _ in range(3):
+        train()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            train()
+    torch._dynamo.reset()
 
 
 # 20.9: the dict a load_state_dict pre-hook returns is the one loaded, row counts included.
