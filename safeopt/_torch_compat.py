@@ -138,17 +138,35 @@ def settle(
     step: not a parameter, and nothing that may refer back to the optimizer (a step hook that
     holds it), which would keep it alive through ``_TWINS``."""
     mine, theirs = vars(optimizer), vars(copy)
-    for name, value in theirs.items():
-        if name != "param_groups" and name not in own and mine.get(name, _MISSING) is not value:
-            mine[name] = value
     shadows = theirs["param_groups"]
+    theirs["param_groups"] = mine["param_groups"]
+    for name in own:
+        if name in theirs:
+            theirs[name] = mine.get(name, _MISSING)
+    if not _same(theirs, mine):
+        for name, value in theirs.items():
+            if value is not _MISSING and mine.get(name, _MISSING) is not value:
+                mine[name] = value
     for group, shadow, real in zip(groups, shadows, optimizer.param_groups):
-        for key, value in shadow.items():
-            if key != "params" and group.get(key, _MISSING) is not value:
-                real[key] = value
+        shadow["params"] = group["params"]
+        if not _same(shadow, group):
+            for key, value in shadow.items():
+                if group.get(key, _MISSING) is not value:
+                    real[key] = value
         shadow.clear()
     theirs.clear()
     theirs["param_groups"] = shadows
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two dicts hold the same (or equal) values. ``==`` on dicts compares values by
+    identity first, in C: the usual case (the step set nothing) costs no Python loop. A value
+    that is another object is compared with ``==``, which a tensor of several elements cannot
+    answer: then they differ, and the caller compares one by one."""
+    try:
+        return a == b
+    except Exception:  # noqa: BLE001  # a tensor's ==: treated as a difference, checked one by one
+        return False
 
 
 # By optimizer class. A plain dict rather than functools.cache: torch.compile traces

@@ -236,6 +236,24 @@ def test_state_dict_from_another_thread_during_steps(make: str) -> None:
     assert not seen, f"{len(seen)} anomalies in {step} steps, first: {seen[0]}"
 
 
+def test_settle_gives_the_optimizer_what_a_step_set_on_its_twin() -> None:
+    from safeopt._torch_compat import settle, twin
+
+    params = harness.make_params([(3,), (2,)])
+    opt = torch.optim.Adam([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
+    opt.found_inf = torch.zeros(())  # type: ignore[attr-defined]  # GradScaler's attribute
+    copy = twin(opt, opt.param_groups)
+    copy.param_groups[1]["lr"] = 0.5  # as a step that writes a group key
+    copy.param_groups[0]["calls"] = 1
+    copy.counts = torch.ones(2)  # as a step that sets an attribute (a tensor ``==`` cannot answer)
+    copy.found_inf = torch.ones(())  # the caller's own, not given back
+    copy.param_groups[0]["params"] = []
+    settle(opt, copy, opt.param_groups, own=("found_inf",))
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.5] and opt.param_groups[0]["calls"] == 1
+    assert torch.equal(opt.counts, torch.ones(2)) and float(opt.found_inf) == 0  # type: ignore[attr-defined]
+    assert [g["params"] for g in opt.param_groups] == [params[:1], params[1:]]
+
+
 def test_the_twin_keeps_no_optimizer_alive() -> None:
     # A step hook that refers to the optimizer: a twin that kept the optimizer's attributes (its
     # hook dicts) between steps would keep it alive.
