@@ -196,12 +196,14 @@ def _reader(opt: torch.optim.Optimizer, sizes: list[int], stop: threading.Event,
             seen.append(f"state for {sorted(set(saved['state']) - held)}")
 
 
-@pytest.mark.parametrize("make", ["Adam", "Adam-rows", "SGD-fused", "Adam-capturable", "wrap"])
+@pytest.mark.parametrize("make", ["torch", "Adam", "Adam-rows", "SGD-fused", "Adam-capturable", "wrap"])
 def test_state_dict_from_another_thread_during_steps(make: str) -> None:
     params = harness.make_params([(4, 3)] * 6 + [(5,)] * 6)
     groups = [{"params": params[:6]}, {"params": params[6:]}]
-    if make == "Adam":
-        opt: torch.optim.Optimizer = safeopt.Adam(groups, lr=0.1)
+    if make == "torch":  # the reference: torch's own Adam under the same reader
+        opt: torch.optim.Optimizer = torch.optim.Adam(groups, lr=0.1)
+    elif make == "Adam":
+        opt = safeopt.Adam(groups, lr=0.1)
     elif make == "Adam-rows":
         opt = safeopt.Adam(groups, lr=0.1, lazy="rows")
     elif make == "SGD-fused":  # two torch steps a group: started and new momentum buffers
@@ -212,20 +214,28 @@ def test_state_dict_from_another_thread_during_steps(make: str) -> None:
         opt = safeopt.wrap(torch.optim.Adam(groups, lr=0.1))
     sizes = [6, 6]
     gen = torch.Generator().manual_seed(0)
+
+    def grads(step: int) -> None:
+        for i, p in enumerate(params):
+            kind = "dense" if (i + step) % 3 else "zero"
+            grad = harness.make_grad(p, kind, gen)
+            if make == "Adam-rows" and p.dim() > 1 and grad is not None:
+                grad[(step + i) % 4] = 0  # a row idle: the rows are gathered into buckets
+            p.grad = grad
+
+    # Every parameter gets its state in the first step (torch's own step adds the entries to
+    # ``state`` while a reader may be iterating it, torch's Adam as much as safeopt's twins).
+    grads(0)
+    opt.step()
     stop, seen = threading.Event(), []
     switch = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
     reader = threading.Thread(target=_reader, args=(opt, sizes, stop, seen))
     reader.start()
     try:
-        deadline, step = time.monotonic() + 1.0, 0
+        deadline, step = time.monotonic() + 1.0, 1
         while time.monotonic() < deadline:
-            for i, p in enumerate(params):
-                kind = "dense" if (i + step) % 3 else "zero"
-                grad = harness.make_grad(p, kind, gen)
-                if make == "Adam-rows" and p.dim() > 1 and grad is not None:
-                    grad[(step + i) % 4] = 0  # a row idle: the rows are gathered into buckets
-                p.grad = grad
+            grads(step)
             opt.step()
             step += 1
     finally:
