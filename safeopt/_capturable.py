@@ -42,7 +42,9 @@ from safeopt._torch_compat import (
     fused_adam_kernel,
     fused_adam_options,
     gather,
+    settle,
     skips_by_found_inf,
+    twin,
 )
 
 __all__ = ["capturing", "plan", "step"]
@@ -137,9 +139,15 @@ def _check_started(
                 )
 
 
-def step(optimizer: torch.optim.Optimizer, torch_step: Callable[[], Any], plans: list[_Group]) -> None:
-    """Run ``torch_step()`` over the planned parameters with the skips decided on the device."""
-    groups = optimizer.param_groups
+def step(
+    optimizer: torch.optim.Optimizer,
+    groups: list[dict[str, Any]],
+    torch_step: Callable[[Any], Any],
+    plans: list[_Group],
+) -> None:
+    """Step the planned parameters with the skips decided on the device: torch's fused Adam/AdamW
+    kernels called once per parameter whose grad may be zero (:func:`_fused_adam_step`), or else
+    torch's whole step, ``torch_step(twin)``, once per such parameter (:func:`_torch_steps`)."""
     for group, entry in zip(groups, plans):
         allocate_state(optimizer, group, [p for p in entry.frozen if not optimizer.state.get(p)])
     kernels = [fused_adam_kernel(optimizer, group) for group in groups]
@@ -152,18 +160,22 @@ def step(optimizer: torch.optim.Optimizer, torch_step: Callable[[], Any], plans:
             kernel is not None or not (entry.flagged or entry.always) for kernel, entry in zip(kernels, plans)
         )
     ):
-        _fused_adam_step(optimizer, plans, kernels)
+        _fused_adam_step(optimizer, groups, plans, kernels)
     else:
-        _torch_steps(optimizer, torch_step, plans)
+        _torch_steps(optimizer, groups, torch_step, plans)
 
 
 def _torch_steps(
-    optimizer: torch.optim.Optimizer, torch_step: Callable[[], Any], plans: list[_Group]
+    optimizer: torch.optim.Optimizer,
+    groups: list[dict[str, Any]],
+    torch_step: Callable[[Any], Any],
+    plans: list[_Group],
 ) -> None:
     """torch's whole step once for the parameters stepped whatever their grad, and once for each
     parameter whose grad may be zero: exact for any fused step that reads ``found_inf``, at three
-    kernels and all of torch's Python per parameter."""
-    groups = optimizer.param_groups
+    kernels and all of torch's Python per parameter. Each call runs on ``twin``, the optimizer with
+    groups of its own (``_torch_compat.twin``), its parameters listed and its ``found_inf`` set
+    there, so the optimizer stays as it is."""
     flagged = [p for entry in plans for p in entry.flagged]
     scaler_found_inf = getattr(optimizer, "found_inf", None)
     skips, _ = _device.found_inf([p.grad for p in flagged], scaler_found_inf)  # type: ignore[misc]  # each has a grad
@@ -180,21 +192,15 @@ def _torch_steps(
             k += 1
         for listed, skip in held.values():
             calls.append(([listed if i == gi else [] for i in range(len(groups))], skip))
-    all_params = [group["params"] for group in groups]
-    had_found_inf = "found_inf" in vars(optimizer)
+    copy = twin(optimizer, groups)
     try:
         for params, found_inf in calls:
-            for group, listed in zip(groups, params):
-                group["params"] = listed
-            optimizer.found_inf = found_inf  # type: ignore[attr-defined]  # GradScaler's attribute, read by torch's fused step
-            torch_step()
+            for shadow, listed in zip(copy.param_groups, params):
+                shadow["params"] = listed
+            vars(copy)["found_inf"] = found_inf  # GradScaler's attribute, read by torch's fused step
+            torch_step(copy)
     finally:
-        for group, params in zip(groups, all_params):
-            group["params"] = params
-        if had_found_inf:
-            optimizer.found_inf = scaler_found_inf  # type: ignore[attr-defined]  # GradScaler's attribute, read by torch's fused step
-        else:
-            vars(optimizer).pop("found_inf", None)
+        settle(optimizer, copy, groups, own=("found_inf", "state"))
 
 
 class _OnDevice:
@@ -215,7 +221,10 @@ class _OnDevice:
 
 
 def _fused_adam_step(
-    optimizer: torch.optim.Optimizer, plans: list[_Group], kernels: list[Callable[..., None] | None]
+    optimizer: torch.optim.Optimizer,
+    groups: list[dict[str, Any]],
+    plans: list[_Group],
+    kernels: list[Callable[..., None] | None],
 ) -> None:
     """torch's fused Adam/AdamW step at its floor: torch's ``_init_group`` once per group, one
     fused kernel call per parameter whose grad may be zero (with its own ``found_inf``), one for
@@ -231,7 +240,7 @@ def _fused_adam_step(
     found_inf = _OnDevice(scaler_found_inf)
     gathered: list[tuple[dict[str, Any], Callable[..., None], int, list[list[Tensor]]]] = []
     flagged_grads: list[Tensor] = []
-    for group, entry, kernel in zip(optimizer.param_groups, plans, kernels):
+    for group, entry, kernel in zip(groups, plans, kernels):
         if kernel is not None and (entry.always or entry.flagged):
             named = gather(optimizer, group, entry.always + entry.flagged)
             lists = [named[name] for name in ADAM_LISTS]  # type: ignore[index]  # fused_adam_kernel checked the class

@@ -104,15 +104,21 @@ def _set(param_groups: Sequence[dict[str, Any]], selection: _Selection, value: b
     for gi, pos in selection.params:
         by_group.setdefault(gi, set()).add(pos)
     for gi, positions in by_group.items():
-        current = set(param_groups[gi][FROZEN_PARAMS])
+        current = set(param_groups[gi].get(FROZEN_PARAMS, ()))
         current = current | positions if value else current - positions
         param_groups[gi][FROZEN_PARAMS] = sorted(current)
+
+
+# A group added behind safeopt's back (torch's add_param_group or load_state_dict) may lack the
+# flags: it is read as frozen=False, frozen_params=[].
+def _group_frozen(group: dict[str, Any]) -> bool:
+    return bool(group.get(FROZEN, False))
 
 
 def _param_frozen(group: dict[str, Any], pos: int) -> bool:
     """Whether the parameter at ``pos`` is frozen: by its group, or at any position it holds in
     the group (a parameter held twice is one parameter; ``plan_step`` decides the same way)."""
-    return bool(group[FROZEN]) or id(group["params"][pos]) in frozen_params(group)
+    return _group_frozen(group) or id(group["params"][pos]) in frozen_params(group)
 
 
 class FreezeAPI:
@@ -142,7 +148,7 @@ class FreezeAPI:
         """
         selection = _select(self.param_groups, target)
         for gi, _ in selection.params:
-            if self.param_groups[gi][FROZEN]:
+            if _group_frozen(self.param_groups[gi]):
                 raise ValueError(
                     f"cannot unfreeze a parameter of param group {gi}: the whole group is "
                     f"frozen; call unfreeze({gi}) for the group, or freeze its parameters one by one"
@@ -161,7 +167,7 @@ class FreezeAPI:
         # A group is frozen by its flag; one with parameters also when each of them is frozen
         # (an empty group was frozen only if its flag says so).
         return all(
-            groups[gi][FROZEN]
+            _group_frozen(groups[gi])
             or (
                 bool(groups[gi]["params"])
                 and all(_param_frozen(groups[gi], pos) for pos in range(len(groups[gi]["params"])))
@@ -174,7 +180,10 @@ class FreezeAPI:
         """Freeze ``target`` inside a ``with`` block; its previous flags come back on exit."""
         selection = _select(self.param_groups, target)
         touched = set(selection.groups) | {gi for gi, _ in selection.params}
-        saved = {gi: (self.param_groups[gi][FROZEN], self.param_groups[gi][FROZEN_PARAMS]) for gi in touched}
+        saved = {
+            gi: (_group_frozen(self.param_groups[gi]), self.param_groups[gi].get(FROZEN_PARAMS, []))
+            for gi in touched
+        }
         _set(self.param_groups, selection, True)
         try:
             yield
@@ -185,5 +194,5 @@ class FreezeAPI:
                     group[FROZEN] = group_flag
                 if any(g == gi for g, _ in selection.params):
                     mine = {pos for g, pos in selection.params if g == gi}
-                    now = set(group[FROZEN_PARAMS]) - mine
+                    now = set(group.get(FROZEN_PARAMS, ())) - mine
                     group[FROZEN_PARAMS] = sorted(now | (mine & set(positions)))

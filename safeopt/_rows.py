@@ -190,6 +190,10 @@ class RowSteps:
     def __init__(self) -> None:
         self.jobs: list[_Job] = []
         self._state: Any = None
+        # The state torch finds for each shadow: kept out of the optimizer's state, where another
+        # thread's state_dict() would meet tensors it does not hold (torch's step reads it
+        # through ``view``).
+        self.states: dict[Tensor, dict[str, Any]] = {}
         self._grads: list[
             tuple[Tensor, Tensor | None]
         ] = []  # (param, the user's sparse grad) while densified
@@ -237,7 +241,7 @@ class RowSteps:
                         jobs[id(p)] = job
                         self.jobs.append(job)
                         for shadow, shadow_state in zip(job.shadows, shadow_states):
-                            optimizer.state[shadow] = shadow_state
+                            self.states[shadow] = shadow_state
                         shadows.extend(job.shadows)
         except BaseException:
             self.finish(stepped=False)
@@ -313,6 +317,10 @@ class RowSteps:
         job = _Job(p, rows, counts, keys, compact, buckets, shadows, runs or [], created, skip)
         return job, states
 
+    def view(self, state: Any) -> Any:
+        """``state`` with the shadows' states on top: the state torch's step on the rows reads."""
+        return _StateView(state, self.states)
+
     def finish(self, stepped: bool) -> None:
         """Write the stepped rows back (when the step returned) and take the buckets out of the
         state; give back the users' sparse grads. A step that did not return leaves no state
@@ -330,7 +338,7 @@ class RowSteps:
         finally:
             for job in self.jobs:
                 for shadow in job.shadows:
-                    state.pop(shadow, None)
+                    self.states.pop(shadow, None)
                     shadow.grad = None
                 if not stepped:
                     if "" in job.created:
@@ -358,11 +366,11 @@ class RowSteps:
 
     def _write_back(self, job: _Job) -> None:
         state = self._state[job.param]
-        first = self._state[job.shadows[0]]
+        first = self.states[job.shadows[0]]
         if job.runs:  # stepped in place; torch made new SGD momentum buffers for first-step runs
             for key in job.keys:
                 for shadow, (start, stop, _) in zip(job.shadows, job.runs):
-                    made = self._state[shadow].get(key)
+                    made = self.states[shadow].get(key)
                     if made is not None and made.data_ptr() != state[key][start:stop].data_ptr():
                         state[key][start:stop].copy_(_unless_skipped(job.skip, made, state[key][start:stop]))
         else:
@@ -370,7 +378,7 @@ class RowSteps:
             for key in job.keys:
                 # torch replaces a missing SGD momentum buffer by a new tensor: copy it into place.
                 for part, shadow in zip(job.compact[key].split(sizes), job.shadows):
-                    made = self._state[shadow].get(key)
+                    made = self.states[shadow].get(key)
                     if made is not None and made is not part:
                         part.copy_(_unless_skipped(job.skip, made, part))
                 _copy_rows(state[key], job.rows, job.compact[key])
@@ -395,6 +403,24 @@ def _unless_skipped(skip: Tensor | None, made: Tensor, old: Tensor) -> Tensor:
     filled by the kernel, or left uninitialised when the kernel skipped the step; then the rows
     keep ``old``. Decided on the device."""
     return made if skip is None else torch.where(skip.to(made.device), old, made)
+
+
+class _StateView(dict[Tensor, Any]):
+    """The shadows' states, and the optimizer's for any other key (created there, as torch's
+    defaultdict does, for a parameter stepped for the first time)."""
+
+    def __init__(self, base: Any, shadows: dict[Tensor, dict[str, Any]]) -> None:
+        super().__init__(shadows)
+        self.base = base
+
+    def __missing__(self, key: Tensor) -> Any:
+        return self.base[key]
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or key in self.base
+
+    def get(self, key: Tensor, default: Any = None) -> Any:
+        return dict.get(self, key) if dict.__contains__(self, key) else self.base.get(key, default)
 
 
 # Write-backs are bit copies. Rows viewed as 16-byte elements (complex128, the widest dtype) go

@@ -32,6 +32,7 @@ __all__ = [
     "frozen_params",
     "nonzero_flags",
     "plan_step",
+    "with_flags",
 ]
 
 #: Param-group keys safeopt adds. They travel in ``state_dict()`` like any other
@@ -233,7 +234,7 @@ def frozen_params(group: dict[str, Any]) -> set[int]:
     """The ids of the parameters of a group frozen one by one. A parameter held at several
     positions (torch only warns about duplicates) is frozen when any of them is: it is one
     parameter, and the freeze API freezes and unfreezes every position together."""
-    positions = group[FROZEN_PARAMS]
+    positions = group.get(FROZEN_PARAMS, ())  # a group added behind safeopt's back may lack it
     if not positions:
         return set()
     params = group["params"]
@@ -323,6 +324,25 @@ def fill_flags(group: dict[str, Any], defaults: dict[str, Any]) -> None:
     group.setdefault(FROZEN, False)
     group.setdefault(LAZY, defaults.get(LAZY, True))
     group.setdefault(FROZEN_PARAMS, [])
+
+
+def with_flags(groups: list[dict[str, Any]], defaults: dict[str, Any]) -> list[dict[str, Any]]:
+    """The groups as a step reads them: ``groups`` itself when every group has safeopt's keys.
+
+    A group that reached the optimizer behind safeopt's back (torch's ``add_param_group`` or
+    ``load_state_dict`` called on the optimizer, or on the one ``wrap()`` wraps) is read as a
+    copy with the defaults filled in and checked; the group itself is not changed.
+    """
+    if all(FROZEN_PARAMS in group and LAZY in group and FROZEN in group for group in groups):
+        return groups
+    out = []
+    for i, group in enumerate(groups):
+        if FROZEN_PARAMS not in group or LAZY not in group or FROZEN not in group:
+            group = dict(group)
+            fill_flags(group, defaults)
+            check_flags(group, len(group["params"]), f"param group {i}")
+        out.append(group)
+    return out
 
 
 def check_lazy(value: Any) -> None:

@@ -10,6 +10,7 @@ Where one can, a seam falls back to documented behaviour.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -28,9 +29,11 @@ __all__ = [
     "fused_adam_options",
     "gather",
     "saved_as_is",
+    "settle",
     "skip_flag",
     "skips_by_found_inf",
     "state_made_at_first_step",
+    "twin",
     "unhooked",
     "writes_into_grads",
 ]
@@ -93,6 +96,84 @@ def unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
     if getattr(step, "hooked", False):
         return step.__wrapped__  # type: ignore[attr-defined,no-any-return]  # set by functools.wraps
     return step
+
+
+def twin(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> Any:
+    """A shallow copy of ``optimizer`` for torch's step to run on, with param groups of its own.
+
+    torch's ``step()`` reads the optimizer through ``self`` only: ``self.param_groups`` to visit,
+    ``self.state``, ``self.defaults``, GradScaler's ``grad_scale`` and ``found_inf``. The twin
+    shares every attribute with ``optimizer`` except ``param_groups``: copies of ``groups``,
+    whose ``params`` the caller sets to what the step should visit. Other threads reading the
+    optimizer during the step (``state_dict()``) see its groups whole. :func:`settle` gives the
+    optimizer what the step set on the twin.
+
+    One twin per optimizer, its groups the same dicts from step to step, refreshed each time:
+    torch.compile guards a compiled step on the optimizer it was given, and a new twin every
+    step would compile torch's step again every step.
+    """
+    made = _TWINS.get(optimizer)
+    if made is None or type(made) is not type(optimizer) or len(made.param_groups) != len(groups):
+        made = object.__new__(type(optimizer))
+        vars(made)["param_groups"] = [{} for _ in groups]
+        _TWINS[optimizer] = made
+    own = vars(made)
+    shadows = own["param_groups"]
+    own.clear()
+    own.update(vars(optimizer))
+    own["param_groups"] = shadows
+    for shadow, group in zip(shadows, groups):
+        shadow.clear()
+        shadow.update(group)
+    return made
+
+
+_TWINS: weakref.WeakKeyDictionary[torch.optim.Optimizer, Any] = weakref.WeakKeyDictionary()
+_MISSING = object()
+
+
+def settle(
+    optimizer: torch.optim.Optimizer,
+    copy: Any,
+    groups: list[dict[str, Any]],
+    own: tuple[str, ...] = (),
+) -> None:
+    """Give ``optimizer`` the attributes a step set on its :func:`twin` (torch's fused SGD clears
+    ``_need_device_dtype_check_for_fused``, the graph check sets ``_warned_capturable_if_run_uncaptured``)
+    and the group keys other than ``params`` it wrote; ``own`` names the caller's attributes.
+    ``groups`` are the ones the twin was made from. The twin then holds nothing until the next
+    step: not a parameter, and nothing that may refer back to the optimizer (a step hook that
+    holds it), which would keep it alive through ``_TWINS``."""
+    mine, theirs = vars(optimizer), vars(copy)
+    shadows = theirs["param_groups"]
+    theirs["param_groups"] = mine["param_groups"]
+    for name in own:
+        if name in theirs:
+            theirs[name] = mine.get(name, _MISSING)
+    if not _same(theirs, mine):
+        for name, value in theirs.items():
+            if value is not _MISSING and mine.get(name, _MISSING) is not value:
+                mine[name] = value
+    for group, shadow, real in zip(groups, shadows, optimizer.param_groups):
+        shadow["params"] = group["params"]
+        if not _same(shadow, group):
+            for key, value in shadow.items():
+                if group.get(key, _MISSING) is not value:
+                    real[key] = value
+        shadow.clear()
+    theirs.clear()
+    theirs["param_groups"] = shadows
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two dicts hold the same (or equal) values. ``==`` on dicts compares values by
+    identity first, in C: the usual case (the step set nothing) costs no Python loop. A value
+    that is another object is compared with ``==``, which a tensor of several elements cannot
+    answer: then they differ, and the caller compares one by one."""
+    try:
+        return a == b
+    except Exception:  # noqa: BLE001  # a tensor's ==: treated as a difference, checked one by one
+        return False
 
 
 # By optimizer class. A plain dict rather than functools.cache: torch.compile traces

@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 from safeopt import _fresh, _rows, _rule
 from safeopt._doc import RULE
 from safeopt._freeze import FreezeAPI
-from safeopt._lazy import LazyOptimizer, add_group, lazy_step, load_state
+from safeopt._lazy import LazyOptimizer, add_group, give_back, lazy_step, load_state
 from safeopt._torch_compat import HOOK_DICTS, INSTANCE_ATTRS, unhooked
 
 __all__ = ["LazyWrapper", "wrap"]
@@ -113,15 +113,8 @@ class LazyWrapper(FreezeAPI, Optimizer):
         inner = self.optimizer
         before = (lambda plans: _snapshot_inactive(inner, plans)) if self._strict else None
         if self._own_closure:
-            return lazy_step(inner, lambda: self._step(inner), closure, before=before, hide="grads")
-        return lazy_step(
-            inner,
-            lambda c=None: self._step(inner) if c is None else self._step(inner, c),
-            closure,
-            before=before,
-            hide="grads",
-            pass_closure=True,
-        )
+            return lazy_step(inner, self._step, closure, before=before, hide="grads")
+        return lazy_step(inner, self._step, closure, before=before, hide="grads", pass_closure=True)
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names the wrapper lacks: the wrapped optimizer's public methods and
@@ -200,7 +193,6 @@ def _snapshot_inactive(optimizer: Optimizer, plans: list[_rule.GroupPlan]) -> Ca
         with torch.no_grad():
             for p, value, grad, grad_value, state in saved:
                 _put_back(p.detach(), value)
-                p.grad = grad
                 if grad is not None and grad_value is not None:
                     _put_back(grad, grad_value)
                 if state is None:
@@ -213,6 +205,7 @@ def _snapshot_inactive(optimizer: Optimizer, plans: list[_rule.GroupPlan]) -> Ca
                     if isinstance(original, torch.Tensor):
                         _put_back(original, value)
                     current[key] = original
+            give_back([(p, grad) for p, _, grad, _, _ in saved])
 
     return restore
 

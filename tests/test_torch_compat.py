@@ -32,8 +32,10 @@ from safeopt._torch_compat import (
     fused_adam_options,
     gather,
     saved_as_is,
+    settle,
     skip_flag,
     skips_by_found_inf,
+    twin,
     unhooked,
     writes_into_grads,
 )
@@ -355,3 +357,44 @@ def test_capture_health_check_is_there() -> None:
         opt, "_cuda_graph_capture_health_check"
     ), f"torch {TORCH} has no capture health check"
     capture_health_check(opt)
+
+
+@pytest.mark.parametrize("torch_cls", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD])
+@pytest.mark.parametrize("impl", ["forloop", "foreach", "fused"])
+def test_torch_step_runs_on_a_twin_and_writes_no_group_key(torch_cls: type, impl: str) -> None:
+    """twin(): torch's step reads the optimizer through ``self`` only, and settle() is all it needs
+    to hand back; torch's own steps write no group key."""
+    kwargs = {"lr": 0.1, "momentum": 0.9} if torch_cls is torch.optim.SGD else {"lr": 0.1}
+    kwargs.update(
+        {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
+    )
+    shown, hidden = harness.make_params([(3,), (2,)])
+    alone = shown.detach().clone().requires_grad_()
+    hidden_before = hidden.detach().clone()
+    opt = torch_cls([shown, hidden], **kwargs)
+    ref = torch_cls([alone], **kwargs)
+    before = [dict(group) for group in opt.param_groups]
+    for step in range(2):
+        shown.grad, hidden.grad, alone.grad = torch.ones(3), torch.ones(2), torch.ones(3)
+        copy = twin(opt, opt.param_groups)
+        copy.param_groups[0]["params"] = [shown]
+        unhooked(torch_cls.step)(copy)
+        settle(opt, copy, opt.param_groups)
+        ref.step()
+        assert harness.bit_equal(shown.detach(), alone.detach()), f"torch {TORCH}, step {step}"
+        assert not opt.state.get(hidden) and harness.bit_equal(hidden.detach(), hidden_before)
+        harness.assert_state_equal(opt.state[shown], ref.state[alone], f"torch {TORCH}")
+    assert opt.param_groups == before, f"torch {TORCH}'s step wrote a group key"
+    assert vars(copy) == {"param_groups": [{}]}, "the twin keeps what the optimizer has"
+
+
+def test_a_grad_changed_through_data_is_refused_by_the_setter_and_given_back() -> None:
+    """give_back(): torch's p.grad setter checks dtype and size; a grad whose data was swapped
+    passes them again while its data is a stand-in."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    grad = torch.zeros(3)
+    grad.data = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        p.grad = grad
+    safeopt._lazy.give_back([(p, grad)])
+    assert p.grad is grad and p.grad.dtype == torch.float64, f"torch {TORCH}"
