@@ -56,7 +56,9 @@ def _install(session: nox.Session, torch: str) -> None:
     session.run_install("python", "-c", f"import shutil; shutil.rmtree({wheels!r}, ignore_errors=True)")
     session.run_install("python", "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", wheels, str(ROOT))
     constraints = _constraints_beside_torch()
-    session.install("-c", constraints, "--find-links", wheels, "torch-safeopt[test]", f"torch=={torch}")
+    session.install(
+        "-c", constraints, "--find-links", wheels, "torch-safeopt[test,compat]", f"torch=={torch}"
+    )
     # A reused environment may hold a wheel of the same version built from older code.
     session.install("--force-reinstall", "--no-deps", "--no-index", "--find-links", wheels, "torch-safeopt")
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from safeopt import _device, _rule
 from safeopt._row_rule import ROWS
-from safeopt._torch_compat import MOMENTUM_BUFFER, allocate_state, skips_by_found_inf
+from safeopt._torch_compat import MOMENTUM_BUFFER, allocate_state, skips_by_found_inf, untraced
 
 __all__ = ["capturing", "plan", "step"]
 
@@ -47,6 +47,7 @@ class _Group:
         self.frozen: list[Tensor] = []  # frozen with a grad: given torch's fresh state, as on the host path
 
 
+@untraced  # reads the real groups, not dynamo's view of them (capturable=True)
 def plan(
     optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]], *, strict: bool
 ) -> list[_Group] | None:
@@ -118,6 +119,7 @@ def _check_started(
                 )
 
 
+@untraced  # sets found_inf on the optimizer, which dynamo cannot trace in torch 2.11
 def step(optimizer: torch.optim.Optimizer, torch_step: Callable[[], Any], plans: list[_Group]) -> None:
     """Run ``torch_step()`` over the planned parameters with the skips decided on the device."""
     groups = optimizer.param_groups
