@@ -29,7 +29,8 @@ SUPPORTED = ("2.6.0", "2.7.1", "2.8.0", "2.9.1", "2.10.0", "2.11.0", "2.12.1", "
 OLDEST, NEWEST = SUPPORTED[0], SUPPORTED[-1]
 
 # What a torch release can break: parity with torch over its optim_db, the seams with their
-# canaries, the property machines, checkpoints, torch's own errors, rows, the capturable step.
+# canaries, the property machines, checkpoints, torch's own errors, rows, the capturable step,
+# torch.compile and AMP, and wrap() of the optimizers of the compat extra (the compat matrix).
 COMPAT = [
     "tests/test_parity.py",
     "tests/test_torch_compat.py",
@@ -42,6 +43,9 @@ COMPAT = [
     "tests/test_rows_sparse.py",
     "tests/test_wrap.py",
     "tests/test_layers.py",
+    "tests/test_amp_compile.py",
+    "tests/test_compat.py",
+    "tests/test_edges_versions.py",
 ]
 
 ROOT = Path(__file__).parent
@@ -101,7 +105,7 @@ def _pytest(session: nox.Session, *args: str, ci: bool = True) -> None:
 @nox.session
 @nox.parametrize("torch", SUPPORTED)
 def compat(session: nox.Session, torch: str) -> None:
-    """The compat subset (parity, seams, properties) on one torch."""
+    """The compat subset (parity, seams, properties, compile, the compat matrix) on one torch."""
     _install(session, torch)
     _pytest(session, *COMPAT, "tests/test_package.py::test_the_tests_import_the_installed_wheel")
 

@@ -62,6 +62,11 @@ def test_every_column_holds(entry: compat_matrix.Entry) -> None:
     if absent:  # not a pass: the optimizer does not exist here
         pytest.skip(absent)
     cells = _row(entry.name)
+    generated_on, here = _page_torch(), torch.__version__.split("+")[0]
+    if cells.get("accepted", "").startswith("not available") and here != generated_on:
+        # A package of the compat extra that does not import on this torch (torchao 0.18 on 2.6):
+        # the package's support range, not safeopt's. On the page's torch it fails, below.
+        pytest.skip(f"{entry.package} does not work with torch {here}: {cells['accepted']}")
     if entry.name in REFUSED:
         assert cells["accepted"].startswith("refused") and REFUSED[entry.name] in cells["accepted"]
         return

@@ -215,7 +215,10 @@ def test_strict_with_sparse_grads_restores_and_matches_sparse_adam() -> None:
 
 def test_strict_with_quantized_state_of_an_idle_parameter() -> None:
     """2. strict=True with torchao's low-bit state (tensor subclasses without clone or equal)."""
-    optim = pytest.importorskip("torchao.optim", reason="torchao is not installed (the compat extra)")
+    try:
+        optim = pytest.importorskip("torchao.optim", reason="torchao is not installed (the compat extra)")
+    except AttributeError as e:  # torchao 0.18 on torch 2.6: a torch API it needs is missing
+        pytest.skip(f"torchao does not import on torch {torch.__version__}: {e}")
     for name in ("AdamW8bit", "AdamW4bit", "AdamWFp8"):
         params = harness.make_params([(64, 64), (64, 64)])
         ref_params = [nn.Parameter(p.detach().clone()) for p in params]
