@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -266,6 +267,13 @@ def _params(entry: Entry) -> list[nn.Parameter]:
     return [nn.Parameter(torch.randn(shape, generator=gen)) for shape in entry.shapes]
 
 
+def _seed(seed: int) -> None:
+    """Seed what optimizers sample from: torch, and numpy's global generator (pytorch-optimizer's
+    Kron balances its preconditioner when ``np.random.random() < 0.01``)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
 class Failure(Exception):
     pass
 
@@ -288,10 +296,10 @@ def _step_pair(
         (params[i].grad, _copy(params[i]), _copy(params[i].grad), _copy(_state_of(opt, params[i])))
         for i in idle
     ]
-    torch.manual_seed(step_seed := len(idle) * 7919 + sum(map(int, active)))  # optimizers that sample (Kron)
+    _seed(step_seed := len(idle) * 7919 + sum(map(int, active)))  # optimizers that sample (Kron)
     opt.step()
     if ref is not None and any(active):
-        torch.manual_seed(step_seed)
+        _seed(step_seed)
         ref.step()
     return idle, before
 
@@ -400,7 +408,7 @@ def _resumed(entry: Entry, wrapped: bool) -> tuple[Any, list[nn.Parameter]]:
         active = [g is not None and bool(g.any()) for g in grads]
         for p, g, a in zip(params, grads, active):
             p.grad = None if g is None or not (wrapped or a) else g.clone()
-        torch.manual_seed(step)
+        _seed(step)
         if wrapped or any(active):
             opt.step()
     return opt, params
@@ -432,9 +440,9 @@ def _freeze(entry: Entry) -> str:
         p.grad = g
     for i, (q, g) in enumerate(zip(ref_params, grads)):
         q.grad = None if i == 0 else g.clone()  # type: ignore[union-attr]  # some write into grads
-    torch.manual_seed(0)
+    _seed(0)
     opt.step()
-    torch.manual_seed(0)
+    _seed(0)
     ref.step()
     _check(_equal(_copy(params[0]), before[0][1]), "a frozen parameter moved")
     state = _copy(_state_of(opt, params[0]))
@@ -444,9 +452,9 @@ def _freeze(entry: Entry) -> str:
     opt.unfreeze(params[0])
     for p, q in zip(params, ref_params):
         p.grad, q.grad = torch.full_like(p, 0.5), torch.full_like(q, 0.5)
-    torch.manual_seed(1)
+    _seed(1)
     opt.step()
-    torch.manual_seed(1)
+    _seed(1)
     ref.step()
     _parity(opt, ref, params, ref_params)
     return "yes"
@@ -482,7 +490,7 @@ def _bare(entry: Entry) -> str:
         for p, g in zip(params, _grads(step, params, 0)):
             p.grad = None if g is None else g.clone()
         value = _copy(params[2])
-        torch.manual_seed(step)
+        _seed(step)
         opt.step()
     return "keeps idle" if _equal(_copy(params[2]), value) else "moves idle"
 
