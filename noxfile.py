@@ -29,7 +29,8 @@ SUPPORTED = ("2.6.0", "2.7.1", "2.8.0", "2.9.1", "2.10.0", "2.11.0", "2.12.1", "
 OLDEST, NEWEST = SUPPORTED[0], SUPPORTED[-1]
 
 # What a torch release can break: parity with torch over its optim_db, the seams with their
-# canaries, the property machines, checkpoints, torch's own errors, rows, the capturable step.
+# canaries, the property machines, checkpoints, torch's own errors, rows, the capturable step,
+# torch.compile and AMP, and wrap() of the optimizers of the compat extra (the compat matrix).
 COMPAT = [
     "tests/test_parity.py",
     "tests/test_torch_compat.py",
@@ -42,6 +43,9 @@ COMPAT = [
     "tests/test_rows_sparse.py",
     "tests/test_wrap.py",
     "tests/test_layers.py",
+    "tests/test_amp_compile.py",
+    "tests/test_compat.py",
+    "tests/test_edges_versions.py",
 ]
 
 ROOT = Path(__file__).parent
@@ -56,7 +60,9 @@ def _install(session: nox.Session, torch: str) -> None:
     session.run_install("python", "-c", f"import shutil; shutil.rmtree({wheels!r}, ignore_errors=True)")
     session.run_install("python", "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", wheels, str(ROOT))
     constraints = _constraints_beside_torch()
-    session.install("-c", constraints, "--find-links", wheels, "torch-safeopt[test]", f"torch=={torch}")
+    session.install(
+        "-c", constraints, "--find-links", wheels, "torch-safeopt[test,compat]", f"torch=={torch}"
+    )
     # A reused environment may hold a wheel of the same version built from older code.
     session.install("--force-reinstall", "--no-deps", "--no-index", "--find-links", wheels, "torch-safeopt")
 
@@ -99,7 +105,7 @@ def _pytest(session: nox.Session, *args: str, ci: bool = True) -> None:
 @nox.session
 @nox.parametrize("torch", SUPPORTED)
 def compat(session: nox.Session, torch: str) -> None:
-    """The compat subset (parity, seams, properties) on one torch."""
+    """The compat subset (parity, seams, properties, compile, the compat matrix) on one torch."""
     _install(session, torch)
     _pytest(session, *COMPAT, "tests/test_package.py::test_the_tests_import_the_installed_wheel")
 

@@ -45,6 +45,7 @@ from safeopt._torch_compat import (
     settle,
     skips_by_found_inf,
     twin,
+    untraced,
 )
 
 __all__ = ["capturing", "plan", "step"]
@@ -66,6 +67,7 @@ class _Group:
         ] = []  # idle on the host's word (frozen, a ZeroTensor grad): torch's fresh state
 
 
+@untraced  # reads the real groups, not dynamo's view of them (capturable=True)
 def plan(
     optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]], *, strict: bool
 ) -> list[_Group] | None:
@@ -139,6 +141,7 @@ def _check_started(
                 )
 
 
+@untraced  # sets found_inf on the optimizer's twin, which dynamo cannot trace in torch 2.11
 def step(
     optimizer: torch.optim.Optimizer,
     groups: list[dict[str, Any]],

@@ -131,7 +131,7 @@ def lazy_step(
         # Nothing active: the wrapped step is not called. torch's step given only None grads does
         # nothing; some others raise on it (Ranger21, DAdaptSGD) or count it in a group counter.
         nothing = not any(plan.active for plan in plans) and not any(buckets)
-        for r in range(0 if nothing else max(map(len, rounds), default=1)):
+        for r in range(0 if nothing else max([1, *map(len, rounds)])):  # max(default=): dynamo warns
             if hide == "grads":
                 stepping = {id(p) for batch in rounds if r < len(batch) for p in batch[r]}
                 hidden = [p for params in all_params for p in params if id(p) not in stepping]

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from safeopt import _device
 from safeopt._row_rule import ROWS, touched_rows
+from safeopt._torch_compat import untraced
 
 __all__ = [
     "FLAG_KEYS",
@@ -241,6 +242,7 @@ def frozen_params(group: dict[str, Any]) -> set[int]:
     return {id(params[i]) for i in positions if 0 <= i < len(params)}
 
 
+@untraced  # the decision reads grads on the host: compiled steps break the graph here
 def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
     """Split every group's parameters into active ones and idle ones that have a grad.
 

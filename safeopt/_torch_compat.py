@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -35,6 +35,7 @@ __all__ = [
     "state_made_at_first_step",
     "twin",
     "unhooked",
+    "untraced",
     "writes_into_grads",
 ]
 
@@ -82,6 +83,20 @@ def saved_as_is(
         saved = saved_state.get(saved_id)
         if saved and key in saved and key in optimizer.state.get(p, ()):
             optimizer.state[p][key] = saved[key].to(dtype=dtype, device=p.device)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def untraced(fn: _F) -> _F:
+    """``fn`` as a call that dynamo (``torch.compile``) runs without tracing it: a clean graph
+    break, without the warnings that tracing safeopt's host decision logs (a ``bool()`` of a
+    tensor, ctypes reads) and without the view of the param groups that dynamo gives torch's own
+    optimizers (``capturable=True``). ``torch._disable_dynamo`` is ``torch.compiler.disable``
+    imported at the first call, not at safeopt's import (torch.optim's constructor imports
+    torch._dynamo anyway); where a torch lacks it, ``fn`` as it is."""
+    disable = getattr(torch, "_disable_dynamo", None)
+    return fn if disable is None else cast(_F, disable(fn))
 
 
 def unhooked(step: Callable[..., Any]) -> Callable[..., Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -65,15 +66,26 @@ class LazyWrapper(FreezeAPI, Optimizer):
                 "parameters take part; wrap() cannot keep its guarantee for it"
             )
         missing = [name for name in _SET_BY_INIT if name not in vars(optimizer)]
-        if missing:
+        around = bool(missing) and _around_another(optimizer)
+        if missing and not around:
             raise ValueError(
                 f"the {type(optimizer).__name__} subclasses torch.optim.Optimizer without calling "
-                f"Optimizer.__init__ (it has no {', '.join(missing)}), as optimizers that wrap another "
-                f"one (Lookahead) do; wrap() cannot share its groups, state and hooks. Wrap the "
+                f"Optimizer.__init__ (it has no {', '.join(missing)}) nor shares the groups of an optimizer "
+                f"it holds as .optimizer (as Lookahead does); wrap() cannot share its groups, state and "
+                f"hooks. Wrap the "
                 f"optimizer inside it instead: {type(optimizer).__name__}(safeopt.wrap(inner), ...)"
             )
         if not isinstance(strict, bool):
             raise TypeError(f"strict must be True or False, got {strict!r}")
+        if around:
+            # Its sync (Lookahead: fast * alpha + slow * (1 - alpha), every k steps) moves every
+            # parameter it holds, grad or not: only the snapshot keeps the inactive ones exact. The
+            # hook dicts Optimizer.__init__ would have made are made, empty, so that hooks and
+            # torch's state_dict() work on it.
+            strict = True
+            for name in HOOK_DICTS:
+                if not hasattr(optimizer, name):
+                    setattr(optimizer, name, OrderedDict())
         _rule.check_lazy(lazy)
         for i, group in enumerate(optimizer.param_groups):
             _rule.check_flags(group, len(group["params"]), f"param group {i}")
@@ -86,6 +98,7 @@ class LazyWrapper(FreezeAPI, Optimizer):
             self.__dict__.pop("_own_" + name, None)
         self.__dict__["_inner"] = optimizer
         self._strict = strict
+        self._around = around
         self._step = unhooked(type(optimizer).step)
         # torch's own optimizers evaluate a closure before reading any grad: safeopt does that for
         # them, once, before the decision. Others (SAM) may need it inside their step.
@@ -111,7 +124,10 @@ class LazyWrapper(FreezeAPI, Optimizer):
         as it is. A closure goes to the wrapped step as described in :func:`wrap`.
         """
         inner = self.optimizer
-        before = (lambda plans: _snapshot_inactive(inner, plans)) if self._strict else None
+        # Around another optimizer: the inner one's state is snapshotted too (Lookahead keeps
+        # the slow copies, the optimizer inside it the rest).
+        holders = [inner, vars(inner)["optimizer"]] if self._around else [inner]
+        before = (lambda plans: _snapshot_inactive(holders, plans)) if self._strict else None
         if self._own_closure:
             return lazy_step(inner, self._step, closure, before=before, hide="grads")
         return lazy_step(inner, self._step, closure, before=before, hide="grads", pass_closure=True)
@@ -167,47 +183,59 @@ def _no_rows(optimizer: Optimizer, groups: list[dict[str, Any]]) -> None:
     _rows.check(optimizer, groups, twin=False)
 
 
-def _snapshot_inactive(optimizer: Optimizer, plans: list[_rule.GroupPlan]) -> Callable[[], None]:
-    """Copy every inactive parameter, its grad and its state; return the function that puts them back."""
+def _around_another(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer`` is one around another that shares its groups (Lookahead): it skipped
+    Optimizer.__init__ but has groups, state and defaults."""
+    inner = vars(optimizer).get("optimizer")
+    return (
+        isinstance(inner, Optimizer)
+        and all(hasattr(optimizer, name) for name in ("param_groups", "state", "defaults"))
+        and optimizer.param_groups is inner.param_groups
+    )
+
+
+def _snapshot_inactive(holders: list[Optimizer], plans: list[_rule.GroupPlan]) -> Callable[[], None]:
+    """Copy every inactive parameter, its grad and its state in each of ``holders`` (whose groups
+    are the first one's); return the function that puts them back."""
     saved = []
-    for group, plan in zip(optimizer.param_groups, plans):
+    for group, plan in zip(holders[0].param_groups, plans):
         active = {id(p) for p in plan.active}
         for p in group["params"]:
             if id(p) in active:
                 continue
             grad = p.grad
-            state = optimizer.state.get(p)
-            saved.append(
-                (
-                    p,
-                    _copy(p.detach()),
-                    grad,
-                    None if grad is None else _copy(grad),
-                    None
-                    if state is None
-                    else {k: (v, _copy(v) if isinstance(v, torch.Tensor) else v) for k, v in state.items()},
-                )
-            )
+            states = [
+                None
+                if state is None
+                else {k: (v, _copy(v) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+                for state in (holder.state.get(p) for holder in holders)
+            ]
+            saved.append((p, _copy(p.detach()), grad, None if grad is None else _copy(grad), states))
 
     def restore() -> None:
         with torch.no_grad():
-            for p, value, grad, grad_value, state in saved:
+            for p, value, grad, grad_value, states in saved:
                 _put_back(p.detach(), value)
                 if grad is not None and grad_value is not None:
                     _put_back(grad, grad_value)
-                if state is None:
-                    optimizer.state.pop(p, None)
-                    continue
-                current = optimizer.state[p]
-                for key in [k for k in current if k not in state]:
-                    del current[key]
-                for key, (original, value) in state.items():
-                    if isinstance(original, torch.Tensor):
-                        _put_back(original, value)
-                    current[key] = original
+                for holder, state in zip(holders, states):
+                    _put_back_state(holder, p, state)
             give_back([(p, grad) for p, _, grad, _, _ in saved])
 
     return restore
+
+
+def _put_back_state(optimizer: Optimizer, p: torch.Tensor, state: dict[str, Any] | None) -> None:
+    if state is None:
+        optimizer.state.pop(p, None)
+        return
+    current = optimizer.state[p]
+    for key in [k for k in current if k not in state]:
+        del current[key]
+    for key, (original, value) in state.items():
+        if isinstance(original, torch.Tensor):
+            _put_back(original, value)
+        current[key] = original
 
 
 # A copy of a tensor's value. A tensor subclass that wraps plain tensors (torchao's quantized
@@ -251,6 +279,11 @@ def wrap(optimizer: Optimizer, *, strict: bool = False, lazy: _rule.Lazy = True)
     state before the wrapped step and writes back whatever changed after it.
     That costs a copy of the inactive parameters and their state in memory and a
     read and compare of both in time, every step.
+
+    An optimizer around another one that shares its groups (torch-optimizer's
+    ``Lookahead``, which syncs every parameter it holds every k steps) is
+    always wrapped with ``strict=True``; its inner optimizer's state is
+    snapshotted too.
 
     Closures are evaluated once, before the decision; LBFGS, which re-evaluates
     its closure inside ``step()``, is refused.

@@ -12,7 +12,9 @@ torch-safeopt[compat]``); a package that does not install or import is a row say
 Every check runs on the CPU, on four 2-D parameters whose grads follow one schedule over four
 steps: one always dense, two alternating between dense, all-zero and None, one always all-zero.
 The reference is the bare optimizer on clones given None for the inactive parameters, and not
-stepped at all in a step where nothing is active (see docs/rule.md).
+stepped at all in a step where nothing is active (see docs/rule.md); for an optimizer whose step
+visits every parameter it holds (Lookahead's sync), the bare optimizer holding only the parameters
+with a grad in each step.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -57,6 +60,9 @@ class Entry(NamedTuple):
     make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
     prepare: Callable[[Any], None] | None = None  # called on the wrapper and on the reference
     shapes: tuple[tuple[int, int], ...] = SHAPES
+    # Its step visits every parameter it holds, grad or not (Lookahead's sync): the reference holds
+    # only the parameters with a grad in each step (see _OnlyActive).
+    visits_all: bool = False
 
 
 def _load(module: str, attr: str, **kwargs: Any) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
@@ -84,7 +90,7 @@ def _po(name: str, **kwargs: Any) -> Entry:
 def _lookahead(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     import torch_optimizer
 
-    return torch_optimizer.Lookahead(torch.optim.Adam(params, lr=0.01))  # type: ignore[no-any-return]
+    return torch_optimizer.Lookahead(torch.optim.Adam(params, lr=0.01), k=2, alpha=0.8)  # type: ignore[no-any-return]
 
 
 CATALOGUE: list[Entry] = [
@@ -168,7 +174,7 @@ CATALOGUE: list[Entry] = [
         Entry(f"torch_optimizer.{name}", "torch-optimizer", _load("torch_optimizer", name))
         for name in ("Yogi", "DiffGrad", "QHAdam", "AdaBound", "AdaMod", "SWATS", "AccSGD", "RangerVA")
     ],
-    Entry("torch_optimizer.Lookahead", "torch-optimizer", _lookahead),
+    Entry("torch_optimizer.Lookahead", "torch-optimizer", _lookahead, visits_all=True),
     *[
         Entry(
             f"bitsandbytes.optim.{name}",
@@ -261,6 +267,13 @@ def _params(entry: Entry) -> list[nn.Parameter]:
     return [nn.Parameter(torch.randn(shape, generator=gen)) for shape in entry.shapes]
 
 
+def _seed(seed: int) -> None:
+    """Seed what optimizers sample from: torch, and numpy's global generator (pytorch-optimizer's
+    Kron balances its preconditioner when ``np.random.random() < 0.01``)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
 class Failure(Exception):
     pass
 
@@ -283,10 +296,10 @@ def _step_pair(
         (params[i].grad, _copy(params[i]), _copy(params[i].grad), _copy(_state_of(opt, params[i])))
         for i in idle
     ]
-    torch.manual_seed(step_seed := len(idle) * 7919 + sum(map(int, active)))  # optimizers that sample (Kron)
+    _seed(step_seed := len(idle) * 7919 + sum(map(int, active)))  # optimizers that sample (Kron)
     opt.step()
     if ref is not None and any(active):
-        torch.manual_seed(step_seed)
+        _seed(step_seed)
         ref.step()
     return idle, before
 
@@ -321,7 +334,36 @@ def _reference_on(entry: Entry, params: list[nn.Parameter]) -> Any:
     ref = entry.make(params)
     if entry.prepare is not None:
         entry.prepare(ref)
-    return ref
+    return _OnlyActive(ref) if entry.visits_all else ref
+
+
+class _OnlyActive:
+    """The bare optimizer as if it held only the parameters that have a grad: each step sees
+    only those in ``group["params"]``. The reference for an optimizer whose step visits every
+    parameter it holds (Lookahead syncs each with its slow copy): safeopt's step equals the
+    step of an optimizer holding only the active parameters."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        from safeopt._torch_compat import HOOK_DICTS
+
+        for name in HOOK_DICTS:  # torch-optimizer's Lookahead has none: its state_dict() needs them
+            if not hasattr(optimizer, name):
+                setattr(optimizer, name, {})
+        self.optimizer = optimizer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.optimizer, name)
+
+    def step(self, closure: Any = None) -> Any:
+        groups = self.optimizer.param_groups
+        held = [group["params"] for group in groups]
+        try:
+            for group in groups:
+                group["params"] = [p for p in group["params"] if p.grad is not None]
+            return self.optimizer.step(closure)
+        finally:
+            for group, params in zip(groups, held):
+                group["params"] = params
 
 
 def _run(entry: Entry, strict: bool) -> tuple[str, str]:
@@ -366,7 +408,7 @@ def _resumed(entry: Entry, wrapped: bool) -> tuple[Any, list[nn.Parameter]]:
         active = [g is not None and bool(g.any()) for g in grads]
         for p, g, a in zip(params, grads, active):
             p.grad = None if g is None or not (wrapped or a) else g.clone()
-        torch.manual_seed(step)
+        _seed(step)
         if wrapped or any(active):
             opt.step()
     return opt, params
@@ -398,9 +440,9 @@ def _freeze(entry: Entry) -> str:
         p.grad = g
     for i, (q, g) in enumerate(zip(ref_params, grads)):
         q.grad = None if i == 0 else g.clone()  # type: ignore[union-attr]  # some write into grads
-    torch.manual_seed(0)
+    _seed(0)
     opt.step()
-    torch.manual_seed(0)
+    _seed(0)
     ref.step()
     _check(_equal(_copy(params[0]), before[0][1]), "a frozen parameter moved")
     state = _copy(_state_of(opt, params[0]))
@@ -410,9 +452,9 @@ def _freeze(entry: Entry) -> str:
     opt.unfreeze(params[0])
     for p, q in zip(params, ref_params):
         p.grad, q.grad = torch.full_like(p, 0.5), torch.full_like(q, 0.5)
-    torch.manual_seed(1)
+    _seed(1)
     opt.step()
-    torch.manual_seed(1)
+    _seed(1)
     ref.step()
     _parity(opt, ref, params, ref_params)
     return "yes"
@@ -448,7 +490,7 @@ def _bare(entry: Entry) -> str:
         for p, g in zip(params, _grads(step, params, 0)):
             p.grad = None if g is None else g.clone()
         value = _copy(params[2])
-        torch.manual_seed(step)
+        _seed(step)
         opt.step()
     return "keeps idle" if _equal(_copy(params[2]), value) else "moves idle"
 
@@ -527,7 +569,9 @@ def render(rows: dict[str, dict[str, str]]) -> str:
         "`Adagrad`, which keep idle parameters here, move them with `weight_decay` (and `RMSprop` with",
         "`momentum`); **accepted**: `wrap()` takes it (or refuses it, saying why); **parity**: every",
         "parameter and its state bit-identical (`torch.equal`) to the bare optimizer given None for",
-        "the inactive parameters (and not stepped when none is active); **idle untouched**: an",
+        "the inactive parameters (and not stepped when none is active; for torch-optimizer's",
+        "`Lookahead`, whose sync visits every parameter it holds, to the bare optimizer holding only",
+        "the parameters with a grad in each step); **idle untouched**: an",
         "inactive parameter, its grad (the same object) and its state are bit-identical after the",
         "step; **strict**: both again with `strict=True`; **state_dict**: resumed after a",
         "`torch.save`/`torch.load` round trip into a fresh wrapper, it goes on bit-identically to the",

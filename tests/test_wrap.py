@@ -215,7 +215,10 @@ def test_strict_with_sparse_grads_restores_and_matches_sparse_adam() -> None:
 
 def test_strict_with_quantized_state_of_an_idle_parameter() -> None:
     """2. strict=True with torchao's low-bit state (tensor subclasses without clone or equal)."""
-    optim = pytest.importorskip("torchao.optim", reason="torchao is not installed (the compat extra)")
+    try:
+        optim = pytest.importorskip("torchao.optim", reason="torchao is not installed (the compat extra)")
+    except AttributeError as e:  # torchao 0.18 on torch 2.6: a torch API it needs is missing
+        pytest.skip(f"torchao does not import on torch {torch.__version__}: {e}")
     for name in ("AdamW8bit", "AdamW4bit", "AdamWFp8"):
         params = harness.make_params([(64, 64), (64, 64)])
         ref_params = [nn.Parameter(p.detach().clone()) for p in params]
@@ -271,18 +274,8 @@ def test_an_optimizer_that_skipped_optimizer_init_is_refused_at_wrap() -> None:
         r"Optimizer.__init__ .*NoInit\(safeopt.wrap\(inner\), ...\)",
     ):
         safeopt.wrap(NoInit(inner))
-    torch_optimizer = pytest.importorskip(
-        "torch_optimizer", reason="torch-optimizer is not installed (compat extra)"
-    )
-    with pytest.raises(ValueError, match="Lookahead subclasses torch.optim.Optimizer without calling"):
-        safeopt.wrap(torch_optimizer.Lookahead(inner))
-    p = nn.Parameter(torch.ones(2))
-    idle = nn.Parameter(torch.ones(2))
-    opt = torch_optimizer.Lookahead(safeopt.wrap(torch.optim.Adam([p, idle], lr=0.1)), k=2)
-    for _ in range(4):  # the suggested order: the fast steps follow the rule
-        p.grad, idle.grad = torch.ones(2), torch.zeros(2)
-        opt.step()
-    assert torch.equal(idle, torch.ones(2)) and not torch.equal(p, torch.ones(2))
+    # An optimizer around another that shares its groups (Lookahead) is accepted, strict:
+    # tests/test_edges_versions.py.
 
 
 class CountsSteppedParams(torch.optim.Optimizer):
