@@ -76,9 +76,12 @@ def prepare(
 
 
 def undo(optimizer: torch.optim.Optimizer, dropped: Dropped) -> None:
-    """Put back the fresh state ``prepare`` dropped (a step that failed changes nothing)."""
+    """Put back the fresh state ``prepare`` dropped, when the step failed before torch made the
+    parameter's state anew. Where torch's step did (it updates groups one after another and can
+    fail on a later one), its state stays with the update it goes with."""
     for p, entry in dropped:
-        optimizer.state[p] = entry
+        if not optimizer.state.get(p):
+            optimizer.state[p] = entry
 
 
 def _stepped(plan: GroupPlan) -> Iterator[torch.Tensor]:

@@ -383,3 +383,35 @@ def test_a_step_torch_refuses_keeps_the_fresh_state(make: Any) -> None:
         opt.step()
     assert opt.state[bias] is fresh and float(fresh["step"]) == 0
     assert torch.equal(bias, torch.ones(5))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: safeopt.SGD(ps, lr=0.1, momentum=0.9, fused=True),
+        lambda ps: safeopt.AdamW(ps, lr=0.1, fused=True),
+    ],
+    ids=["SGD-fused", "AdamW-fused"],
+)
+def test_a_step_torch_refuses_in_a_later_group_keeps_the_state_of_its_partial_update(make: Any) -> None:
+    """torch steps groups one after another: refusing a later group (a complex parameter in a fused
+    step) leaves the earlier groups updated. A parameter whose fresh state was dropped for that
+    update keeps the state torch made with it, not the fresh state again (its next step would be
+    taken as a first step, on a parameter that already moved)."""
+    a, b = torch.nn.Parameter(torch.tensor(1.0)), torch.nn.Parameter(torch.tensor(2.0))
+    c = torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))
+    q = torch.nn.Parameter(torch.tensor(2.0))
+    opt = make([a, b])
+    torch.optim.Optimizer.add_param_group(opt, {"params": [c]})  # torch refuses it when it steps
+    ref = make([q])
+    b.grad = torch.zeros(())
+    opt.step()  # b idle: fresh state
+    b.grad, q.grad = torch.ones(()), torch.ones(())
+    c.grad = torch.ones(2, dtype=torch.complex64)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        opt.step()
+    ref.step()  # torch's update of b, the group before the refused one
+    assert harness.bit_equal(b.detach(), q.detach())
+    assert set(opt.state[b]) == set(ref.state[q])
+    for key, value in ref.state[q].items():
+        assert harness.bit_equal(opt.state[b][key], value), key
