@@ -274,7 +274,9 @@ def clone(t: Tensor | None) -> Tensor | None:
 def same_layout(t: Tensor) -> Tensor:
     """A copy with the same strides, also where ``clone`` would make a grad with gaps contiguous:
     the reference gets the layout the user's grad has."""
-    if t.is_sparse or t._is_zerotensor():
+    if t._is_zerotensor():
+        return t  # immutable, and clone() would materialise it: torch gets what the user gave
+    if t.is_sparse:
         return t.clone()
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t)
 
