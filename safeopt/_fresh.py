@@ -69,6 +69,7 @@ def prepare(
         if fresh:
             for p in _stepped(plan):
                 if id(p) in fresh:
+                    fresh.discard(id(p))  # a parameter held twice is dropped once
                     dropped.append((p, state.pop(p)))
         if plan.idle_with_grad:
             _allocate(optimizer, group, [p for p in plan.idle_with_grad if not state.get(p)])

@@ -217,3 +217,18 @@ def error_cases(device: str = "cpu") -> list[Any]:
             if err.error_on is OptimizerErrorEnum.CONSTRUCTION_ERROR:
                 out.append((info.optim_cls, err))
     return out
+
+
+#: Names the property machines give param groups, and every kind of target the freeze API takes.
+GROUP_NAMES = (None, "body", "head")
+TARGET_KINDS = (
+    "param",
+    "list",
+    "tuple",
+    "generator",
+    "module",
+    "group_index",
+    "group_negative_index",
+    "group_name",
+    "group_dict",
+)

@@ -51,6 +51,26 @@ def rank_env(rank: int, port: int) -> dict[str, str]:
     }
 
 
+def wait_ranks(procs: list[tuple[subprocess.Popen[bytes], Any]]) -> list[int | str]:
+    """Each rank's exit code, or "timeout" (then the rest are not waited for); every process is
+    killed if still running and every log closed, whatever happens."""
+    codes: list[int | str] = []
+    try:
+        for proc, _ in procs:
+            try:
+                codes.append(proc.wait(timeout=TIMEOUT))
+            except subprocess.TimeoutExpired:
+                codes.append("timeout")
+                break
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    return codes
+
+
 def launch(scenario: str, out: Path, *extra: str) -> list[dict[str, Any]]:
     """Run ``scenario`` on WORLD ranks; return what each rank saved, in rank order."""
     out.mkdir(parents=True, exist_ok=True)
@@ -70,20 +90,7 @@ def launch(scenario: str, out: Path, *extra: str) -> list[dict[str, Any]]:
                 log,
             )
         )
-    codes = []
-    try:
-        for proc, _ in procs:
-            try:
-                codes.append(proc.wait(timeout=TIMEOUT))
-            except subprocess.TimeoutExpired:
-                codes.append("timeout")
-                break
-    finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
+    codes = wait_ranks(procs)
     if codes != [0] * WORLD:
         logs = "\n".join(
             f"--- rank {r} ---\n" + (out / f"{scenario}-rank{r}.log").read_text()[-4000:]

@@ -415,3 +415,20 @@ def test_a_step_torch_refuses_in_a_later_group_keeps_the_state_of_its_partial_up
     assert set(opt.state[b]) == set(ref.state[q])
     for key, value in ref.state[q].items():
         assert harness.bit_equal(opt.state[b][key], value), key
+
+
+def test_a_parameter_held_twice_leaves_its_fresh_state_once() -> None:
+    """Fresh state of a parameter held twice in a group (torch only warns) is dropped once at its
+    first update: the step is torch's on the duplicate list."""
+    p, q = torch.nn.Parameter(torch.tensor(1.0)), torch.nn.Parameter(torch.tensor(1.0))
+    with pytest.warns(UserWarning):
+        opt = safeopt.SGD([p, p], lr=0.1, momentum=0.9)
+    with pytest.warns(UserWarning):
+        ref = torch.optim.SGD([q, q], lr=0.1, momentum=0.9)
+    p.grad = torch.zeros(())
+    opt.step()  # idle: fresh state
+    p.grad, q.grad = torch.ones(()), torch.ones(())
+    opt.step()
+    ref.step()
+    assert harness.bit_equal(p.detach(), q.detach())
+    assert harness.bit_equal(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])

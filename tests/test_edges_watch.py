@@ -32,7 +32,7 @@ TIMEOUT = 120  # seconds for both ranks; the worker's process group gives up aft
 
 
 def _launch(tmp_path: Path, watchers: str) -> list[dict[str, Any]]:
-    from test_distributed import WORLD, free_port, rank_env
+    from test_distributed import WORLD, free_port, rank_env, wait_ranks
 
     port = free_port()
     procs = []
@@ -45,20 +45,7 @@ def _launch(tmp_path: Path, watchers: str) -> list[dict[str, Any]]:
             stderr=subprocess.STDOUT,
         )
         procs.append((proc, log))
-    codes: list[int | str] = []
-    try:
-        for proc, _ in procs:
-            try:
-                codes.append(proc.wait(timeout=TIMEOUT))
-            except subprocess.TimeoutExpired:
-                codes.append("timeout")
-                break
-    finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
+    codes = wait_ranks(procs)
     logs = "\n".join(
         f"--- rank {r} ---\n" + (tmp_path / f"watch-rank{r}.log").read_text()[-3000:] for r in range(WORLD)
     )

@@ -45,6 +45,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from torch import Tensor, nn
 
+import cases
 import harness
 import safeopt
 
@@ -176,18 +177,6 @@ HYPER: dict[str, tuple[Any, ...]] = {
     "maximize": (False, True),
     "centered": (False, True),
 }
-GROUP_NAMES = (None, "body", "head")
-TARGET_KINDS = (
-    "param",
-    "list",
-    "tuple",
-    "generator",
-    "module",
-    "group_index",
-    "group_negative_index",
-    "group_name",
-    "group_dict",
-)
 MAX_PARAMS = 6
 
 
@@ -367,7 +356,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.groups: list[Group] = []
         for g, members in enumerate(ranges):
             options: dict[str, Any] = {}
-            name = data.draw(st.sampled_from(GROUP_NAMES), label=f"group {g} name")
+            name = data.draw(st.sampled_from(cases.GROUP_NAMES), label=f"group {g} name")
             if name is not None:
                 options["name"] = name
             if g and data.draw(st.booleans(), label="group 1 has its own lr"):
@@ -442,7 +431,7 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     def draw_target(self, data: Any) -> tuple[Any, set[int], set[int], str]:
         """A freeze target: (target, whole groups it names, parameters it names, description)."""
-        kind = data.draw(st.sampled_from(TARGET_KINDS), label="target kind")
+        kind = data.draw(st.sampled_from(cases.TARGET_KINDS), label="target kind")
         n, n_groups = len(self.params), len(self.groups)
         names = sorted({g.options["name"] for g in self.groups if "name" in g.options})
         if kind == "group_name" and not names:
@@ -546,7 +535,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         options: dict[str, Any] = {}
         if data.draw(st.booleans(), label="own lr"):
             options["lr"] = data.draw(st.sampled_from((0.2, 0.02)), label="lr")
-        name = data.draw(st.sampled_from(GROUP_NAMES), label="name")
+        name = data.draw(st.sampled_from(cases.GROUP_NAMES), label="name")
         if name is not None:
             options["name"] = name
         lazy, frozen = self.default_lazy, False

@@ -51,18 +51,6 @@ VIEWS = {
     "transposed": lambda t: t.t(),
     "strided": lambda t: t[:, ::2],
 }
-GROUP_NAMES = (None, "body", "head")
-TARGET_KINDS = (
-    "param",
-    "list",
-    "tuple",
-    "generator",
-    "module",
-    "group_index",
-    "group_negative_index",
-    "group_name",
-    "group_dict",
-)
 
 
 @st.composite
@@ -142,7 +130,7 @@ class OptimizerMachine(RuleBasedStateMachine):
         self.specs = [
             GroupSpec(
                 members=list(r),
-                name=data.draw(st.sampled_from(GROUP_NAMES), label=f"group {g} name"),
+                name=data.draw(st.sampled_from(cases.GROUP_NAMES), label=f"group {g} name"),
                 lazy=data.draw(st.sampled_from((None, True, False)), label=f"group {g} lazy"),
                 lr=None
                 if g == 0 or tensor_lr
@@ -227,7 +215,7 @@ class OptimizerMachine(RuleBasedStateMachine):
 
     def draw_target(self, data: Any) -> tuple[Any, set[int], set[int], str]:
         """A freeze target: (target, whole groups it names, parameters it names, description)."""
-        kind = data.draw(st.sampled_from(TARGET_KINDS), label="target kind")
+        kind = data.draw(st.sampled_from(cases.TARGET_KINDS), label="target kind")
         n, n_groups = len(self.params), len(self.specs)
         names = sorted({spec.name for spec in self.specs if spec.name is not None})
         if kind == "group_name" and not names:
