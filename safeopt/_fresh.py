@@ -70,7 +70,8 @@ def prepare(
             for p in _stepped(plan):
                 if id(p) in fresh:
                     fresh.discard(id(p))  # a parameter held twice is dropped once
-                    dropped.append((p, state.pop(p)))
+                    dropped.append((p, state[p]))
+                    state[p] = {}  # torch makes it anew; the key stays (another thread may iterate)
         if plan.idle_with_grad:
             _allocate(optimizer, group, [p for p in plan.idle_with_grad if not state.get(p)])
     return dropped
@@ -118,7 +119,9 @@ def saved(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[
     """``state_dict`` (torch's ``state_dict()`` of ``optimizer``) with fresh state as plain dicts
     and, for SGD with momentum, placeholders listed in ``"fresh_params"`` of every such group (an
     empty list too: a DCP load target must have the keys its checkpoint has)."""
-    states = state_dict["state"]
+    states = state_dict.get("state")
+    if not isinstance(states, dict):  # a state_dict of another shape (torch-optimizer's Lookahead)
+        return state_dict
     sgd = isinstance(optimizer, torch.optim.SGD)
     for saved_group, group in zip(state_dict["param_groups"], optimizer.param_groups):
         placeholders = sgd and group.get("momentum", 0) != 0

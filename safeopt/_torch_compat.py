@@ -113,6 +113,7 @@ def unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
     return step
 
 
+@untraced  # dynamo cannot set attributes on an object it did not make (torch 2.11)
 def twin(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> Any:
     """A shallow copy of ``optimizer`` for torch's step to run on, with param groups of its own.
 
@@ -147,6 +148,7 @@ _TWINS: weakref.WeakKeyDictionary[torch.optim.Optimizer, Any] = weakref.WeakKeyD
 _MISSING = object()
 
 
+@untraced  # the same, for what the step set on the twin
 def settle(
     optimizer: torch.optim.Optimizer,
     copy: Any,

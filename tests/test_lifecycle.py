@@ -69,10 +69,11 @@ AREAS: dict[str, str] = {
         "still checked)"
     ),
     "failed_step_partial": (
-        "new (not filed yet): a step torch refuses in a later param group (a sparse grad for Adam, "
-        "amsgrad switched on after a step) has already updated the active parameters of the groups "
-        "before it, as torch's own step does; the contract says a failed call changes nothing. "
-        "Open: after a failed step the active parameters are compared with torch's partial step"
+        "by design, documented in docs/rule.md (A step that raises): a step torch refuses in a later "
+        "param group (a sparse grad for Adam, amsgrad switched on after a step) has already updated "
+        "the active parameters of the groups before it, as torch's own step does; making it "
+        "all-or-nothing would copy every active parameter and its state each step. Checked: after a "
+        "failed step each active parameter is unchanged or equal to torch's partial step"
     ),
     "foreign_groups": (
         "issue 20.6: a group added behind safeopt's back (torch's add_param_group) gives KeyError. "
@@ -86,7 +87,9 @@ AREAS: dict[str, str] = {
         "momentum buffer yet"
     ),
 }
-KNOWN_OPEN: set[str] = set(AREAS)
+# Every area but one is fixed and checked. "failed_step_partial" is torch's own behaviour, kept
+# by design (docs/rule.md, "A step that raises"): the machine checks it as the contract.
+KNOWN_OPEN: set[str] = {"failed_step_partial"}
 
 _ENABLED = {a.strip() for a in os.environ.get("SAFEOPT_LIFECYCLE_ENABLE", "").split(",") if a.strip()}
 if "all" in _ENABLED:
@@ -408,9 +411,21 @@ class LifecycleMachine(RuleBasedStateMachine):
             # torch's CPU fused kernels read a grad with gaps as if it were contiguous (2.13: values
             # from the gaps, uninitialised memory included): torch's bug, no oracle for it.
             out.append("strided")
-        if kind == "embedding":
+        if kind == "embedding" and not self.config.fused_sgd_momentum:
             out += ["sparse", "sparse_zero", "sparse_cancel"]
-        if not is_open("zerotensor"):
+        if self.config.fused_sgd_momentum:
+            # torch's fused SGD refuses a sparse grad or a complex parameter after it made every
+            # parameter's momentum buffer with empty_like: what a refused step leaves is
+            # uninitialised memory, in torch's class as in safeopt's (no oracle). Such grads are
+            # drawn where they are idle (lazy=True), never where they would be stepped.
+            if kind == "complex":
+                out = ["none"] + (["zero", "negzero"] if self.lazy_of(i) else [])
+            elif kind == "embedding" and self.lazy_of(i):
+                out.append("sparse_zero")
+        if not is_open("zerotensor") and self.lazy_of(i):
+            # Where it is active (lazy=False) a ZeroTensor grad is torch's to step, and torch's
+            # steps refuse it or not by implementation ("ZeroTensors are immutable" where one
+            # writes into it or its clone): no oracle there beyond "torch's behaviour".
             out.append("zerotensor")
         return out
 
@@ -590,11 +605,24 @@ class LifecycleMachine(RuleBasedStateMachine):
         self._change_hyperparameter(data)
         self._step(data, f"step with param {i} active", force={i: "dense"}, checkpoint=False)
 
+    def _state_from_a_skipped_step(self) -> bool:
+        """Whether some parameter holds state that the oracle, which leaves skipped steps out,
+        does not: made by torch's fused kernels in a step GradScaler skipped."""
+        return any(
+            self.opt.state.get(p) and not self.ref.state.get(q) for p, q in zip(self.params, self.ref_params)
+        )
+
     def _change_hyperparameter(self, data: Any) -> None:
         g = data.draw(st.integers(0, len(self.groups) - 1), label="group")
         keys = ["lr", *sorted(k for k in HYPER if k in self.ref.param_groups[g])]  # lr the most often
         key = data.draw(st.sampled_from(keys), label="key")
         value = data.draw(st.sampled_from(HYPER[key]), label="value")
+        if key != "lr" and self._state_from_a_skipped_step():
+            # torch's fused kernels make a parameter's state in a step GradScaler skips (zero
+            # moments, step 0), in torch's class as in safeopt's; the oracle leaves such steps out
+            # whole, so switching a buffer on (amsgrad) afterwards raises in torch's class and
+            # safeopt alike, not in the oracle. No toggle then.
+            return
         note(f"param_groups[{g}][{key!r}] = {value!r}")
         self.opt.param_groups[g][key] = value
         self.ref.param_groups[g][key] = value
@@ -777,6 +805,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                 raise RuntimeError("the closure raised")
             return torch.tensor(1.0)
 
+        partial = [False] * len(active)  # active parameters a failed step may have left partly stepped
         error: Exception | None = None
         try:
             if mode == "scaler":
@@ -800,6 +829,9 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert same_refusal(error, ref_error), f"{what}: {error!r} is not torch's {ref_error!r}"
             if is_open("failed_step_partial"):
                 self._adopt_partial_step(before, ref, ref_params, active, what)
+                # torch's _init_group may have made an active parameter's state before refusing
+                # a later one: that state is torch's partial step, not safeopt's.
+                partial = list(active)
             active = [False] * len(active)
 
         if mode != "scaler":  # GradScaler unscales grads in place (torch's doing, by a scale of 1 here)
@@ -820,7 +852,9 @@ class LifecycleMachine(RuleBasedStateMachine):
             if state:
                 state_equal(now, state, f"{what}: inactive param {i}")
             else:
-                assert fresh_ok or not now, f"{what}: a failed step left state {sorted(now)} on param {i}"
+                assert fresh_ok or partial[i] or not now, (
+                    f"{what}: a failed step left state {sorted(now)} on param {i}"
+                )
                 assert_fresh(now, p, f"{what}: inactive param {i}")
         self.agrees_with_torch()
 
