@@ -206,7 +206,9 @@ def test_no_page_refers_to_the_issue_tracker() -> None:
 def dists(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sdist and, built from it, the wheel (``python -m build``, as the release does)."""
     if not os.environ.get("CI"):
-        pytest.importorskip("build.__main__", reason='the dev extra is not installed (pip install -e ".[dev]")')
+        pytest.importorskip(
+            "build.__main__", reason='the dev extra is not installed (pip install -e ".[dev]")'
+        )
     out = tmp_path_factory.mktemp("dist")
     done = subprocess.run(
         [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
