@@ -4,6 +4,7 @@ from safeopt._audit import AuditReport, Finding, audit
 from safeopt._bench import bench
 from safeopt._freeze import Target
 from safeopt._optimizers import SGD, Adam, AdamW
+from safeopt._patch import Patch, patch, unpatch
 from safeopt._watch import ParamDrift, Watch, WatchReport, watch
 from safeopt._wrap import LazyWrapper, wrap
 
@@ -17,12 +18,15 @@ __all__ = [
     "Finding",
     "LazyWrapper",
     "ParamDrift",
+    "Patch",
     "Target",
     "Watch",
     "WatchReport",
     "__version__",
     "audit",
     "bench",
+    "patch",
+    "unpatch",
     "watch",
     "wrap",
 ]

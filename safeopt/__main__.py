@@ -1,8 +1,13 @@
-"""``python -m safeopt`` and the ``safeopt`` command: ``demo`` and ``bench``; the work is done elsewhere.
+"""``python -m safeopt`` and the ``safeopt`` command: ``demo``, ``bench``, ``watch`` and ``run``; the work
+is done elsewhere.
 
 ``demo``: the ghost update, measured with torch.optim and with safeopt, on the scenarios of
 ``safeopt/_scenarios.py`` (table and plot: ``safeopt/_demo.py``). ``bench``: safeopt's step time
 against torch's on parameters of given shapes or on a model you name (``safeopt/_bench.py``).
+``watch SCRIPT [ARGS]``: runs a script as ``python SCRIPT ARGS`` would (``safeopt/_script.py``)
+and reports the ghost updates of every optimizer that stepped (``safeopt/_observe.py``).
+``run SCRIPT [ARGS]``: the same script with ``safeopt.patch()`` in force (``safeopt/_patch.py``).
+Everything after SCRIPT (or ``-m MODULE``) is the script's, as with ``python``.
 
 Errors follow argparse: a bad argument or environment (a module that does not import, CUDA asked
 for without CUDA, a model function that raises) is one line on stderr and exit status 2; a
@@ -14,8 +19,11 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import importlib.util
+import json
 import math
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,14 +35,29 @@ from torch import nn
 from safeopt import __version__
 from safeopt._bench import bench
 from safeopt._demo import check_out, demo
+from safeopt._observe import GlobalWatch
+from safeopt._patch import patch, unpatch
+from safeopt._script import Target
+from safeopt._script import run as run_script
 
 __all__ = ["main"]
 
 DESCRIPTION = (
     "safeopt: torch.optim optimizers that never move a parameter that took no part in a step. "
     "'demo' shows how far parameters without a gradient drift under torch.optim and under safeopt; "
-    "'bench' times safeopt's step against torch's on your shapes or your model."
+    "'bench' times safeopt's step against torch's on your shapes or your model; "
+    "'watch' runs your training script unchanged and reports the parameters its optimizers moved "
+    "without a gradient; 'run' runs it with torch.optim.Adam, AdamW and SGD replaced by safeopt's."
 )
+SCRIPT_COMMANDS = ("watch", "run")
+SCRIPT_OPTIONS = {
+    "--json": True,
+    "--rows": True,
+    "--debug": False,
+    "--wrap-all": False,
+    "-h": False,
+    "--help": False,
+}
 DEBUG_HELP = "on an error, show the Python traceback"
 TWINS = ("Adam", "AdamW", "SGD")  # the classes with a safeopt twin (lazy="rows" needs one)
 BENCH_MEMORY = 6  # bench holds the parameters, their grads and two optimizers' state: about 6x for Adam
@@ -259,13 +282,131 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_script(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` cut where the script's own arguments start: (safeopt's, the script's).
+
+    For ``watch`` and ``run``, the first argument that is not one of their options (or the one
+    after ``-m``) is the script (the module), and everything after it is the script's, as
+    ``python`` takes them: ``--json`` or ``-h`` there reach the script.
+    """
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 1  # options before the command (--debug): they take no value
+    if i >= len(argv) or argv[i] not in SCRIPT_COMMANDS:
+        return argv, []
+    i += 1
+    while i < len(argv):
+        token = argv[i]
+        if token == "-m" or token.startswith("-m") and len(token) > 2:
+            end = i + 2 if token == "-m" else i + 1
+            return argv[:end], argv[end:]
+        if token == "--":
+            return argv[: i + 2], argv[i + 2 :]
+        if not token.startswith("-") or token == "-":
+            return argv[: i + 1], argv[i + 1 :]
+        i += 2 if SCRIPT_OPTIONS.get(token, False) else 1
+    return argv, []
+
+
+def _target(args: argparse.Namespace) -> Target:
+    """The script or module to run, checked before any work."""
+    if args.module is not None:
+        if args.script is not None:
+            raise _Usage(
+                f"argument -m: give a script or -m MODULE, not both ({args.script!r} and -m {args.module})"
+            )
+        try:
+            found = importlib.util.find_spec(args.module)
+        except (ImportError, ValueError) as e:
+            raise _Usage(f"argument -m: {args.module!r}: {_first_line(e)}") from e
+        if found is None:
+            raise _Usage(f"argument -m: no module named {args.module!r}")
+        return Target(args.module, module=True)
+    if args.script is None:
+        raise _Usage("argument SCRIPT: a script to run is required (or -m MODULE)")
+    if not os.path.exists(args.script):
+        raise _Usage(f"argument SCRIPT: can't open file {args.script!r}: no such file")
+    return Target(args.script, module=False)
+
+
+def _check_json(path: Path | None) -> None:
+    if path is not None and not path.parent.is_dir():
+        raise _Usage(f"argument --json: {str(path)!r}: the folder {str(path.parent)!r} does not exist")
+
+
+def _invoked_as() -> str:
+    """How this command was started, for the command a report suggests."""
+    return "safeopt" if Path(sys.argv[0]).name == "safeopt" else "python -m safeopt"
+
+
+def _watch(args: argparse.Namespace) -> int:
+    target = _target(args)
+    _check_json(args.json)
+    head = _invoked_as()
+
+    def fix(wrap_all: bool) -> str:
+        what = [
+            *(["--wrap-all"] if wrap_all else []),
+            *(["-m", target.name] if target.module else [target.name]),
+        ]
+        return f"{head} run {shlex.join([*what, *args.script_args])}"
+
+    watch = GlobalWatch()
+    watch.start()
+    try:
+        return run_script(target, args.script_args)
+    finally:
+        watch.stop()
+        sys.stdout.flush()
+        print(watch.text(fix), file=sys.stderr)
+        if args.json is not None:
+            args.json.write_text(json.dumps(watch.as_dict(), indent=1) + "\n")
+            print(f"safeopt watch: wrote {args.json}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
+    target = _target(args)
+    _check_json(args.json)
+    try:
+        patched = patch(rows=args.rows, wrap_all=args.wrap_all)
+    except ValueError as e:
+        raise _Usage(f"argument --rows: {e}") from e
+    try:
+        return run_script(target, args.script_args)
+    finally:
+        unpatch()
+        sys.stdout.flush()
+        print(patched.summary(), file=sys.stderr)
+        if args.json is not None:
+            args.json.write_text(json.dumps(patched.as_dict(), indent=1) + "\n")
+            print(f"safeopt run: wrote {args.json}", file=sys.stderr)
+
+
+def _script_parser(sub: Any, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help_text,
+        description=description,
+        usage=f"safeopt {name} [options] SCRIPT [ARGS ...]  or  safeopt {name} [options] -m MODULE [ARGS ...]",
+    )
+    p.add_argument("script", nargs="?", metavar="SCRIPT", help="the script to run, as python runs it")
+    p.add_argument("-m", dest="module", metavar="MODULE", help="run a module as python -m does")
+    p.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="also write the report as JSON to PATH",
+    )
+    return p
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safeopt", description=DESCRIPTION)
     parser.add_argument(
         "--version", action="version", version=f"safeopt {__version__} (torch {torch.__version__})"
     )
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,watch,run}")
     d = sub.add_parser(
         "demo",
         help="show how far idle parameters drift under torch.optim and under safeopt",
@@ -336,15 +477,50 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--rounds", type=_positive_int, default=7, help="interleaved timing rounds (default 7)")
     b.add_argument("--min-run-time", type=_seconds, default=1.0, help="seconds timed per side (default 1)")
-    for command in (d, b):
+    w = _script_parser(
+        sub,
+        "watch",
+        "run a training script unchanged and report what its optimizers moved without a gradient",
+        "Run SCRIPT as python would (its output and exit status unchanged) and, at exit, report on "
+        "stderr, per optimizer that stepped, the parameters that had no gradient in some step and how "
+        "far the optimizer moved them there, with the command that fixes it. Every number the script "
+        "computes stays the same. Everything after SCRIPT goes to the script.",
+    )
+    r = _script_parser(
+        sub,
+        "run",
+        "run a training script with torch.optim.Adam, AdamW and SGD replaced by safeopt's",
+        "Run SCRIPT as python would, with torch.optim.Adam, AdamW and SGD replaced by safeopt's for the "
+        "whole run (code that looks them up during the run gets safeopt's), and say at exit what was "
+        "replaced and how many idle parameter-steps were skipped. Everything after SCRIPT goes to the "
+        "script.",
+    )
+    r.add_argument(
+        "--wrap-all",
+        action="store_true",
+        help="also give every other torch.optim optimizer built during the run safeopt's rule (safeopt.wrap)",
+    )
+    r.add_argument(
+        "--rows",
+        metavar="PATTERN",
+        help="parameters whose name matches this regular expression (e.g. 'embed|experts') get "
+        "lazy='rows' in a param group of their own",
+    )
+    for command in (d, b, w, r):
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    ours, theirs = _split_script(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(ours)
+    args.script_args = theirs
     try:
+        if args.command == "watch":
+            return _watch(args)
+        if args.command == "run":
+            return _run(args)
         if args.command == "demo":
             out = None
             if not args.no_plot:

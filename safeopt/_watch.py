@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, Self
 
 import torch
@@ -166,9 +166,21 @@ class Watch:
     """Step hooks on an optimizer that record its ghost updates; made by :func:`watch`.
 
     Also a context manager: the hooks are removed on exit, and :meth:`report` still works.
+
+    Two keywords serve a caller that watches many optimizers at once (``python -m safeopt
+    watch``): ``names``, called with no arguments, gives the names by ``id`` instead of ``model``
+    (see :func:`param_names`); ``hooks=False`` registers no hooks, the caller calls
+    :meth:`before_step` and :meth:`after_step` from hooks of its own.
     """
 
-    def __init__(self, optimizer: Optimizer, model: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        model: nn.Module | None = None,
+        *,
+        names: Callable[[], Mapping[int, str]] | None = None,
+        hooks: bool = True,
+    ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"watch() takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if model is not None and not isinstance(model, nn.Module):
@@ -180,15 +192,28 @@ class Watch:
         self._steps = 0
         self._sq = 0.0
         self._history: list[float] = []
-        self._handles = [
-            optimizer.register_step_pre_hook(self._before),
-            optimizer.register_step_post_hook(self._after),
-        ]
+        self._names = names
+        self._handles = (
+            [
+                optimizer.register_step_pre_hook(self._before),
+                optimizer.register_step_post_hook(self._after),
+            ]
+            if hooks
+            else []
+        )
 
     @property
     def optimizer(self) -> Optimizer:
         """The watched optimizer; step it as before."""
         return self._optimizer
+
+    def before_step(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The step pre-hook, for a caller that registered none (``hooks=False``)."""
+        self._before(optimizer, args, kwargs)
+
+    def after_step(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The step post-hook, for a caller that registered none (``hooks=False``)."""
+        self._after(optimizer, args, kwargs)
 
     def _params(self) -> list[Tensor]:
         seen: set[int] = set()
@@ -219,13 +244,15 @@ class Watch:
             idle = {id(p) for p in _without_grad([p for p, _ in copies])}
             copies = [(p, before) for p, before in copies if id(p) in idle]
         copies.reverse()  # popped from the end, in order: each copy is freed once it is read
-        names: dict[int, str] | None = None
+        names: Mapping[int, str] | None = None
         with torch.no_grad():
             while copies:
                 p, before = copies.pop()
                 record = self._records.get(p)
                 if record is None:
-                    names = names or param_names(self._model, self._optimizer)
+                    names = names or (
+                        self._names() if self._names else param_names(self._model, self._optimizer)
+                    )
                     record = self._records[p] = _Record(names.get(id(p), "?"))
                 record.idle_steps += 1
                 after = _local(p.detach())

@@ -37,8 +37,11 @@ FLOORS: dict[str, int] = {
     "_audit": 4,
     "_scenarios": 4,
     "_bench": 4,
+    "_observe": 4,
+    "_script": 4,
     # 5: the demo, the command line and the package's face
     "_demo": 5,
+    "_patch": 5,
     "__main__": 5,
     "__init__": 5,
 }
