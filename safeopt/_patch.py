@@ -8,7 +8,7 @@ it. Code that looks the name up while the patch is in force (``from torch.optim 
 a script or in a library imported later, a framework calling ``torch.optim.AdamW(...)``) gets
 the replacement; a name bound before keeps torch's class.
 
-Every optimizer that steps is counted by a global step pre-hook (torch's public API), and so are
+Every optimizer that steps is counted by a global step post-hook (torch's public API), and so are
 the parameters safeopt's optimizers left idle in each step. ``wrap_all=True`` also wraps every
 other optimizer built while the patch is in force: ``torch.optim.Optimizer.__init__`` is wrapped,
 and an optimizer it built gets :func:`safeopt.wrap`'s step as its ``step`` (an instance
@@ -35,7 +35,7 @@ from typing import Any, Self
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from safeopt import _optimizers
 from safeopt._lazy import LazyOptimizer
@@ -165,7 +165,7 @@ class _Session:
         self.none = 0  # parameter-steps without a grad
 
     def start(self) -> None:
-        self.handle = register_optimizer_step_pre_hook(self._step)
+        self.handle = register_optimizer_step_post_hook(self._step)
         for module, name, replacement in _REPLACED:
             self.saved.append((module, name, getattr(module, name)))
             setattr(module, name, replacement)
@@ -204,6 +204,8 @@ class _Session:
         opt.step = wrapper.step  # type: ignore[method-assign]  # the wrapper's step, on this object
 
     def _step(self, opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # After the step: the grads it used are still there (safeopt never changes them), also those
+        # a closure made inside it.
         lazy = isinstance(opt, (LazyOptimizer, LazyWrapper))
         with _LOCK:
             if opt not in self.seen:

@@ -11,6 +11,9 @@ so that Python ends the process as it would have (the shell sees the interrupt).
 
 from __future__ import annotations
 
+import builtins
+import importlib.machinery
+import io
 import os
 import runpy
 import sys
@@ -45,10 +48,29 @@ def exit_status(e: SystemExit) -> int:
 
 def _own(tb: types.TracebackType | None) -> types.TracebackType | None:
     """``tb`` without its first frames that belong to this module or runpy."""
-    skip = {os.path.normcase(os.path.abspath(f)) for f in (__file__, runpy.__file__) if f}
-    while tb is not None and os.path.normcase(os.path.abspath(tb.tb_frame.f_code.co_filename)) in skip:
+    while tb is not None and tb.tb_frame.f_globals.get("__name__") in (__name__, runpy.__name__):
         tb = tb.tb_next
     return tb
+
+
+def _run_file(path: str) -> None:
+    """Execute the file at ``path`` (absolute) as ``__main__``. ``runpy.run_path`` would also do
+    it, but sets ``sys.argv[0]`` to the path it was given, which Python leaves as typed."""
+    with io.open_code(path) as f:
+        source = f.read()
+    code = compile(source, path, "exec", dont_inherit=True)
+    main = types.ModuleType("__main__")
+    main.__file__ = path
+    main.__loader__ = importlib.machinery.SourceFileLoader("__main__", path)
+    main.__builtins__ = builtins  # type: ignore[attr-defined]  # set on every module Python runs
+    main.__cached__ = None  # type: ignore[attr-defined]  # None for __main__, as Python sets it
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = main
+    try:
+        exec(code, main.__dict__)  # noqa: S102  # running the user's script is the point
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
 
 
 def run(target: Target, args: Sequence[str]) -> int:
@@ -73,7 +95,11 @@ def run(target: Target, args: Sequence[str]) -> int:
                 sys.path[0] = folder
             else:
                 sys.path.insert(0, folder)
-            runpy.run_path(path, run_name="__main__")
+            if os.path.isfile(path):
+                _run_file(path)
+            else:  # a folder or a zip file with a __main__.py
+                runpy.run_path(path, run_name="__main__")
+                sys.argv[0] = target.name
         return 0
     except SystemExit as e:
         return exit_status(e)
@@ -81,7 +107,8 @@ def run(target: Target, args: Sequence[str]) -> int:
         raise
     except BaseException as e:  # noqa: BLE001  # python prints any other exception and exits 1
         sys.stdout.flush()
-        sys.excepthook(type(e), e, _own(e.__traceback__))
+        tb = _own(e.__traceback__)
+        sys.excepthook(type(e), e.with_traceback(tb), tb)  # Python prints the exception's own
         return 1
     finally:
         sys.argv = saved_argv
