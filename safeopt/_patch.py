@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import re
 import threading
+import types
 import weakref
 from collections import Counter
 from collections.abc import Callable
@@ -145,6 +146,15 @@ def _split_rows(params: Any, pattern: re.Pattern[str]) -> Any:
     return kept + moved if moved else kept
 
 
+_WRAPPER = "_safeopt_wrapper"
+
+
+def _wrapped_step(self: Optimizer, closure: Callable[[], Any] | None = None) -> Any:
+    """The ``step`` of an optimizer that ``wrap_all`` wrapped: the wrapper's. A method of the
+    optimizer itself, since an LR scheduler rebinds ``optimizer.step.__func__`` to the optimizer."""
+    return vars(self)[_WRAPPER].step(closure)
+
+
 class _Session:
     """What one patch does and saw, from patch() to unpatch()."""
 
@@ -201,7 +211,8 @@ class _Session:
         except (TypeError, ValueError) as e:
             self.refused[_class_name(type(opt))] = str(e).split(";")[0]
             return
-        opt.step = wrapper.step  # type: ignore[method-assign]  # the wrapper's step, on this object
+        vars(opt)[_WRAPPER] = wrapper
+        opt.step = types.MethodType(_wrapped_step, opt)  # type: ignore[method-assign]  # an instance attribute, as LR schedulers set
 
     def _step(self, opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # After the step: the grads it used are still there (safeopt never changes them), also those

@@ -36,8 +36,29 @@ def run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedPr
     )
 
 
+def together(*cmds: list[str], cwd: Path, timeout: int = 300) -> list[subprocess.CompletedProcess[str]]:
+    """The commands run at once (a framework's import dominates each): their results in order."""
+    procs = [
+        subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for cmd in cmds
+    ]
+    done = []
+    for cmd, proc in zip(cmds, procs):
+        out, err = proc.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+    return done
+
+
 def python(script: str | Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return run([sys.executable, str(script), *args], cwd)
+
+
+def python_cmd(script: str | Path, *args: str) -> list[str]:
+    return [sys.executable, str(script), *args]
+
+
+def safeopt_cmd(command: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "safeopt", command, *args]
 
 
 def safeopt(command: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
