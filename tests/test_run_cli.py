@@ -203,3 +203,45 @@ def test_the_scripts_arguments_are_cut_where_python_would() -> None:
     )
     assert _split_script(["run", "--", "-odd.py", "a"]) == (["run", "--", "-odd.py"], ["a"])
     assert _split_script(["bench", "--rounds", "1"]) == (["bench", "--rounds", "1"], [])
+
+
+EMBED = """\
+import sys
+
+import torch
+
+torch.manual_seed(0)
+model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(20, 4), "head": torch.nn.Linear(4, 1)})
+adam = torch.optim.Adam(model.parameters(), lr=0.1)
+extra = torch.nn.Parameter(torch.ones(3))
+nadam = torch.optim.NAdam([extra], lr=0.1)
+for step in range(5):
+    adam.zero_grad(set_to_none=False)
+    model["head"](model["embed"](torch.tensor([step % 3]))).sum().backward()  # rows 3..19 unused
+    adam.step()
+    extra.grad = torch.zeros(3) if step % 2 else torch.ones(3)
+    nadam.step()
+print([g.get("lazy") for g in adam.param_groups], type(nadam).__name__)
+torch.save({**model.state_dict(), "extra": extra.detach()}, sys.argv[1])
+"""
+
+
+def test_run_rows_and_wrap_all_equal_safeopt_by_hand(tmp_path: Path) -> None:
+    (tmp_path / "embed.py").write_text(EMBED)
+    hand = by_hand(
+        by_hand(
+            EMBED,
+            "torch.optim.Adam(model.parameters(), lr=0.1)",
+            'safeopt.Adam([{"params": model["head"].parameters()}, '
+            '{"params": model["embed"].parameters(), "lazy": "rows"}], lr=0.1)',
+        ),
+        "nadam = torch.optim.NAdam([extra], lr=0.1)",
+        "nadam = safeopt.wrap(torch.optim.NAdam([extra], lr=0.1))",
+    )
+    (tmp_path / "hand.py").write_text("import safeopt\n" + hand)
+    done = ok(safeopt("run", "--rows", "^embed\\.", "--wrap-all", "embed.py", "run.pt", cwd=tmp_path))
+    ok(python("hand.py", "hand.pt", cwd=tmp_path))
+    assert same_params(tmp_path / "run.pt", tmp_path / "hand.pt")
+    assert done.stdout == "[True, 'rows'] NAdam\n"  # the script's own optimizer, in place
+    assert "rows='^embed\\\\.', wrap_all=True" in done.stderr
+    assert "safeopt.Adam x1, torch.optim.NAdam x1" in done.stderr
