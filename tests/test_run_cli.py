@@ -245,3 +245,28 @@ def test_run_rows_and_wrap_all_equal_safeopt_by_hand(tmp_path: Path) -> None:
     assert done.stdout == "[True, 'rows'] NAdam\n"  # the script's own optimizer, in place
     assert "rows='^embed\\\\.', wrap_all=True" in done.stderr
     assert "safeopt.Adam x1, torch.optim.NAdam x1" in done.stderr
+
+
+def test_the_affected_page_shows_a_real_report() -> None:
+    """docs/affected.md's report is the one ``watch`` prints for examples/idle_branch.py (the drift
+    figures aside: the last digits may differ between machines)."""
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "affected.md").read_text()
+    shown = page.split("$ python -m safeopt watch examples/idle_branch.py\n", 1)[1].split("```", 1)[0]
+    done = ok(safeopt("watch", "examples/idle_branch.py", cwd=root))
+
+    def stable(text: str) -> list[str]:
+        return [
+            line.split("  ")[0] if "drift" in line else " ".join(line.split()[:4])
+            for line in text.splitlines()
+        ]
+
+    assert stable(shown) == stable(done.stdout + done.stderr)
+    assert "fix: python -m safeopt run examples/idle_branch.py" in shown
+
+
+@pytest.mark.parametrize("command", ["watch", "run"])
+def test_help_is_plain_words(command: str) -> None:
+    done = run([sys.executable, "-m", "safeopt", command, "--help"], Path.cwd())
+    assert done.returncode == 0 and "SCRIPT [ARGS ...]" in done.stdout and "-m MODULE" in done.stdout
+    assert "``" not in done.stdout and "safeopt/_" not in done.stdout and ".py" not in done.stdout
