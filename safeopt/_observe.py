@@ -112,6 +112,7 @@ class Watched:
         self.cls = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
         self._names: dict[int, str] = {}
         self.watch = Watch(optimizer, names=self.names, hooks=False)
+        self.names()  # now, while the modules live: at exit the script's may be gone
 
     def names(self) -> dict[int, str]:
         """The names, made at the first call and again when the optimizer holds a new parameter."""

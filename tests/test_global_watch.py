@@ -122,3 +122,18 @@ def test_module_names_are_the_outermost_modules() -> None:
     loose = nn.Parameter(torch.ones(1))
     names = module_names([model.encoder[0].weight, loose])
     assert names == {id(model.encoder[0].weight): "encoder.0.weight"}
+
+
+def test_names_are_taken_at_the_first_step_while_the_model_lives() -> None:
+    model = nn.Sequential(nn.Linear(2, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watch = GlobalWatch()
+    watch.start()
+    try:
+        model(torch.ones(1, 2)).sum().backward()
+        opt.step()  # every parameter has a grad: the watch records nothing
+    finally:
+        watch.stop()
+    del model  # the optimizer still holds the parameters; no module does any more
+    (report,) = watch.as_dict()["optimizers"]
+    assert [p["name"] for p in report["params"]] == ["0.weight", "0.bias"]
