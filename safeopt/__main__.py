@@ -365,12 +365,20 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    target = _target(args)
+    if args.module is None:
+        _target(args)
     _check_json(args.json)
     try:
         patched = patch(rows=args.rows, wrap_all=args.wrap_all)
     except ValueError as e:
         raise _Usage(f"argument --rows: {e}") from e
+    try:
+        # -m: the module's packages are imported while looking for it; patched by then, as
+        # `from torch.optim import AdamW` in a package's __init__ must see safeopt's class.
+        target = _target(args)
+    except BaseException:
+        unpatch()
+        raise
     try:
         return run_script(target, args.script_args)
     finally:

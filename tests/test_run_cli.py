@@ -270,3 +270,21 @@ def test_help_is_plain_words(command: str) -> None:
     done = run([sys.executable, "-m", "safeopt", command, "--help"], Path.cwd())
     assert done.returncode == 0 and "SCRIPT [ARGS ...]" in done.stdout and "-m MODULE" in done.stdout
     assert "``" not in done.stdout and "safeopt/_" not in done.stdout and ".py" not in done.stdout
+
+
+def test_a_package_of_the_module_is_imported_under_the_patch(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from torch.optim import AdamW\n")
+    (pkg / "train.py").write_text("from pkg import AdamW\nprint(AdamW.__module__)\n")
+    done = ok(safeopt("run", "-m", "pkg.train", cwd=tmp_path))
+    assert done.stdout == "safeopt._patch\n"
+
+
+@pytest.mark.parametrize("command", ["watch", "run"])
+def test_ctrl_c_ends_the_process_as_python_would(tmp_path: Path, command: str) -> None:
+    (tmp_path / "stop.py").write_text("print('before')\nraise KeyboardInterrupt\n")
+    plain = python("stop.py", cwd=tmp_path)
+    done = safeopt(command, "stop.py", cwd=tmp_path)
+    assert (done.returncode, done.stdout) == (plain.returncode, plain.stdout) == (-2, "before\n")
+    assert done.stderr.rstrip().endswith("KeyboardInterrupt") and "safeopt" in done.stderr  # the report first
