@@ -197,7 +197,8 @@ class GlobalWatch:
         affected: list[tuple[Watched, WatchReport]] = []
         for w in watched:
             report = w.report()
-            lines += ["", f"{w.cls}: {len(_held(w.optimizer))} parameter(s)", report.table()]
+            table = report.table().replace("(report.params lists all)", "(--json lists all)")
+            lines += ["", f"{w.cls}: {len(_held(w.optimizer))} parameter(s)", table]
             if report:
                 affected.append((w, report))
         lines.append("")

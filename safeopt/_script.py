@@ -99,7 +99,6 @@ def run(target: Target, args: Sequence[str]) -> int:
                 _run_file(path)
             else:  # a folder or a zip file with a __main__.py
                 runpy.run_path(path, run_name="__main__")
-                sys.argv[0] = target.name
         return 0
     except SystemExit as e:
         return exit_status(e)
