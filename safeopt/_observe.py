@@ -15,16 +15,18 @@ watch started and needs no hook on every forward (which would slow every module 
 ``torch.compile`` graphs). A parameter no module holds keeps the name the optimizer gives it (torch's
 named parameters) or its position, ``param_groups[g][i]``.
 
-Each watched optimizer is kept until the report (the report is made at exit).
+An optimizer keeps its watch in its ``__dict__`` (a reference cycle): one the script drops is
+collected as it would be unwatched, and what its watch saw is kept as a :class:`Summary`.
 """
 
 from __future__ import annotations
 
 import gc
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -32,7 +34,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from safeopt._watch import Watch, WatchReport, param_names
 
-__all__ = ["REPLACED", "GlobalWatch", "Watched", "module_names", "optimizer_names"]
+__all__ = ["REPLACED", "GlobalWatch", "Summary", "Watched", "module_names", "optimizer_names"]
 
 # The classes ``python -m safeopt run`` replaces; another needs its --wrap-all.
 REPLACED = ("torch.optim.adam.Adam", "torch.optim.adamw.AdamW", "torch.optim.sgd.SGD")
@@ -104,13 +106,28 @@ def optimizer_names(optimizer: Optimizer) -> dict[int, str]:
     return names
 
 
-class Watched:
-    """One optimizer under the global watch: its :class:`Watch` and the names of its parameters."""
+class Summary(NamedTuple):
+    """What the global watch saw of one optimizer: enough for the report, without the optimizer."""
 
-    def __init__(self, optimizer: Optimizer) -> None:
+    cls: str  # module and name of its class
+    n_params: int
+    report: WatchReport
+    data: dict[str, Any]  # its entry in the JSON
+
+
+class Watched:
+    """One optimizer under the global watch: its :class:`Watch` and the names of its parameters.
+
+    Kept in the optimizer's ``__dict__`` (a reference cycle), so that an optimizer the script
+    drops is collected with its watch; ``released`` is called with it then, for its summary.
+    """
+
+    def __init__(self, optimizer: Optimizer, index: int, released: Callable[[Watched], None]) -> None:
         self.optimizer = optimizer
+        self.index = index
         self.cls = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
         self._names: dict[int, str] = {}
+        self._released = released
         self.watch = Watch(optimizer, names=self.names, hooks=False)
         self.names()  # now, while the modules live: at exit the script's may be gone
 
@@ -120,16 +137,13 @@ class Watched:
             self._names = optimizer_names(self.optimizer)
         return self._names
 
-    def report(self) -> WatchReport:
-        return self.watch.report()
-
-    def as_dict(self) -> dict[str, Any]:
-        """This optimizer in the JSON of ``python -m safeopt watch --json``: every parameter it holds."""
-        report = self.report()
+    def summary(self) -> Summary:
+        report = self.watch.report()
         drift = {p.name: p for p in report.params}
         names = self.names()
         params = []
-        for p in _held(self.optimizer):
+        held = _held(self.optimizer)
+        for p in held:
             name = names.get(id(p), "?")
             d = drift.get(name)
             params.append(
@@ -142,7 +156,14 @@ class Watched:
                     "max_abs": d.max_abs if d else 0.0,
                 }
             )
-        return {"class": self.cls, "steps": report.steps, "params": params}
+        data = {"class": self.cls, "steps": report.steps, "params": params}
+        return Summary(self.cls, len(held), report, data)
+
+    def __del__(self) -> None:
+        try:
+            self._released(self)
+        except Exception:  # noqa: BLE001, S110  # a finalizer must not raise; the optimizer is simply left out
+            pass
 
 
 class GlobalWatch:
@@ -150,7 +171,10 @@ class GlobalWatch:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._watched: dict[int, Watched] = {}  # by id; each Watched holds its optimizer
+        self._attr = f"_safeopt_global_watch_{id(self):x}"  # where an optimizer keeps its Watched
+        # In the order of the first steps: a live optimizer's Watched (weakly), or the summary of
+        # one that was collected (written by Watched.__del__, without a lock: it runs inside GC).
+        self._entries: list[weakref.ref[Watched] | Summary] = []
         self._handles: list[Any] = []
 
     def start(self) -> None:
@@ -165,40 +189,54 @@ class GlobalWatch:
             handle.remove()
         self._handles = []
 
+    def _released(self, watched: Watched) -> None:
+        self._entries[watched.index] = watched.summary()
+
     def _before(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        with self._lock:
-            watched = self._watched.get(id(optimizer))
-            if watched is None or watched.optimizer is not optimizer:
-                watched = self._watched[id(optimizer)] = Watched(optimizer)
+        watched = vars(optimizer).get(self._attr)
+        if watched is None:
+            with self._lock:
+                watched = vars(optimizer).get(self._attr)
+                if watched is None:
+                    watched = Watched(optimizer, len(self._entries), self._released)
+                    self._entries.append(weakref.ref(watched))
+                    vars(optimizer)[self._attr] = watched
         watched.watch.before_step(optimizer, args, kwargs)
 
     def _after(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        watched = self._watched.get(id(optimizer))
-        if watched is not None and watched.optimizer is optimizer:
+        watched = vars(optimizer).get(self._attr)
+        if watched is not None:
             watched.watch.after_step(optimizer, args, kwargs)
 
-    @property
-    def watched(self) -> list[Watched]:
-        """The optimizers watched so far, in the order of their first step."""
-        return list(self._watched.values())
+    def summaries(self) -> list[Summary]:
+        """Every optimizer watched so far, in the order of their first step."""
+        out = []
+        for entry in list(self._entries):
+            if isinstance(entry, Summary):
+                out.append(entry)
+            else:
+                watched = entry()
+                if watched is not None:
+                    out.append(watched.summary())
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON of ``python -m safeopt watch --json``: every optimizer, every parameter it holds."""
-        return {"optimizers": [w.as_dict() for w in self.watched]}
+        return {"optimizers": [s.data for s in self.summaries()]}
 
     def text(self, fix: Callable[[bool], str]) -> str:
         """The report: a table per optimizer, a verdict and, when something moved, the command that
         fixes it (``fix(wrap_all)``: ``wrap_all`` when an optimizer that moved is not one that
         ``run`` replaces)."""
-        watched = self.watched
-        if not watched:
+        summaries = self.summaries()
+        if not summaries:
             return "safeopt watch: no torch.optim optimizer stepped during the run"
-        lines = [f"safeopt watch: {len(watched)} optimizer(s) stepped"]
-        affected: list[tuple[Watched, WatchReport]] = []
-        for w in watched:
-            report = w.report()
+        lines = [f"safeopt watch: {len(summaries)} optimizer(s) stepped"]
+        affected: list[tuple[Summary, WatchReport]] = []
+        for w in summaries:
+            report = w.report
             table = report.table().replace("(report.params lists all)", "(--json lists all)")
-            lines += ["", f"{w.cls}: {len(_held(w.optimizer))} parameter(s)", table]
+            lines += ["", f"{w.cls}: {w.n_params} parameter(s)", table]
             if report:
                 affected.append((w, report))
         lines.append("")

@@ -3,6 +3,9 @@ optimizer that steps, named by the modules that hold its parameters, numbers unc
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import torch
 from torch import nn
 
@@ -137,3 +140,27 @@ def test_names_are_taken_at_the_first_step_while_the_model_lives() -> None:
     del model  # the optimizer still holds the parameters; no module does any more
     (report,) = watch.as_dict()["optimizers"]
     assert [p["name"] for p in report["params"]] == ["0.weight", "0.bias"]
+
+
+def test_an_optimizer_the_script_drops_is_freed_and_still_reported() -> None:
+    watch = GlobalWatch()
+    watch.start()
+    try:
+        model = nn.Linear(2, 2)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        model.weight.grad = torch.zeros(2, 2)
+        opt.step()
+        gone = weakref.ref(opt)
+        del opt
+        gc.collect()
+        assert gone() is None  # the watch keeps no optimizer alive
+        second = torch.optim.SGD(model.parameters(), lr=0.1)
+        second.step()
+    finally:
+        watch.stop()
+    first, then = watch.as_dict()["optimizers"]
+    assert first["class"] == "torch.optim.adamw.AdamW" and then["class"] == "torch.optim.sgd.SGD"
+    assert [(p["name"], p["idle_steps"], p["moved_steps"]) for p in first["params"]] == [
+        ("weight", 1, 1),
+        ("bias", 1, 0),
+    ]
