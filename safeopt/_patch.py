@@ -248,8 +248,8 @@ class _Session:
         if self.other:
             others = ", ".join(f"{name} x{n}" for name, n in sorted(self.other.items()))
             lines.append(
-                f"  not replaced: {others}: they move parameters without a gradient as before; wrap "
-                "them with safeopt.wrap(optimizer), or run with --wrap-all"
+                f"  not replaced: {others}: torch's rule (an all-zero grad is still a step); give them "
+                "safeopt's with safeopt.wrap(optimizer), or run with --wrap-all"
             )
         for name, why in sorted(self.refused.items()):
             lines.append(f"  --wrap-all could not wrap {name}: {why}")
