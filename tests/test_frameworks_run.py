@@ -148,12 +148,18 @@ def test_hf_trainer_under_watch_is_the_unwatched_run(hf: Path) -> None:
     assert "fix: python -m safeopt run train.py watched.pt out" in watched.stderr
 
 
-def test_hf_trainer_under_run_is_safeopt_put_in_by_hand(hf: Path) -> None:
+@pytest.mark.parametrize("optim", [None, "adamw_torch"], ids=["default optim", "adamw_torch"])
+def test_hf_trainer_under_run_is_safeopt_put_in_by_hand(hf: Path, optim: str | None) -> None:
+    script = HF
+    if optim is not None:  # the user's script names the optimizer
+        script = by_hand(script, "seed=0,", f"seed=0, optim={optim!r},")
+        (hf / "train.py").write_text(script)
+    fused = ", 'fused': True" if optim is None else ""  # transformers 5's default is the fused one
     hand = by_hand(
-        HF,
+        script,
         "train_dataset=Data())",
         "train_dataset=Data(), optimizer_cls_and_kwargs=(safeopt.AdamW, "
-        "{'lr': 1e-2, 'betas': (0.9, 0.999), 'eps': 1e-8, 'fused': True}))",
+        f"{{'lr': 1e-2, 'betas': (0.9, 0.999), 'eps': 1e-8{fused}}}))",
     )
     (hf / "by_hand.py").write_text("import safeopt\n" + hand)
     done, _ = map(
