@@ -4,7 +4,7 @@ from safeopt._audit import AuditReport, Finding, audit
 from safeopt._bench import bench
 from safeopt._freeze import Target
 from safeopt._optimizers import SGD, Adam, AdamW
-from safeopt._watch import ParamDrift, Watch, WatchReport, watch
+from safeopt._watch import ParamDrift, SliceDrift, Watch, WatchReport, watch
 from safeopt._wrap import LazyWrapper, wrap
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
     "Finding",
     "LazyWrapper",
     "ParamDrift",
+    "SliceDrift",
     "Target",
     "Watch",
     "WatchReport",

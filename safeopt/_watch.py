@@ -1,9 +1,11 @@
 """safeopt.watch: measure the ghost update in any torch optimizer, without changing what it does.
 
 The watch is a pair of torch step hooks (public API): before a step it copies every parameter
-that has no gradient (None or all zero), after the step it compares. Nothing else is touched, so
-the optimizer computes exactly what it computed unwatched. It never communicates: a DTensor
-parameter is judged by this rank's shard alone (a diagnostic may run on one rank only).
+that has no gradient (None or all zero), and the idle slices along dim 0 (experts, embedding
+rows) of every parameter of two or more dimensions that has one; after the step it compares.
+Nothing else is touched, so the optimizer computes exactly what it computed unwatched. It never
+communicates: a DTensor parameter is judged by this rank's shard alone (a diagnostic may run on
+one rank only).
 """
 
 from __future__ import annotations
@@ -17,13 +19,27 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from safeopt._row_rule import touched_rows
 from safeopt._rule import nonzero_flags
 
-__all__ = ["ParamDrift", "Watch", "WatchReport", "param_names", "watch"]
+__all__ = ["ParamDrift", "SliceDrift", "Watch", "WatchReport", "param_names", "watch"]
+
+
+class SliceDrift(NamedTuple):
+    """What the slices along dim 0 of one parameter (experts, embedding rows) did in the steps
+    where they had no gradient while the rest of the parameter had one."""
+
+    slices: int  # how many slices the parameter has (its size along dim 0)
+    idle_slices: int  # how many of them were idle in at least one such step
+    idle_slice_steps: int  # (slice, step) pairs in which the slice's grad was all zero
+    moved_slice_steps: int  # of those, the pairs in which the optimizer changed the slice
+    moved_slices: tuple[int, ...]  # the slices that moved in at least one of those steps
+    l2: float  # L2 norm of the sum of those changes
+    max_abs: float  # largest absolute element of that sum
 
 
 class ParamDrift(NamedTuple):
-    """What one parameter did in the steps where it had no gradient."""
+    """What one parameter did in the steps where it, or a slice of it, had no gradient."""
 
     name: str
     shape: tuple[int, ...]
@@ -31,6 +47,22 @@ class ParamDrift(NamedTuple):
     moved_steps: int  # of those, the steps in which the optimizer changed it
     l2: float  # L2 norm of the sum of those changes
     max_abs: float  # largest absolute element of that sum
+    # Its slices along dim 0 in the steps where it had a gradient: None unless a slice was idle
+    rows: SliceDrift | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row as plain data (JSON): the fields, ``shape`` a list, ``rows`` a dict or absent."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "shape": list(self.shape),
+            "idle_steps": self.idle_steps,
+            "moved_steps": self.moved_steps,
+            "l2": self.l2,
+            "max_abs": self.max_abs,
+        }
+        if self.rows is not None:
+            out["rows"] = {**self.rows._asdict(), "moved_slices": list(self.rows.moved_slices)}
+        return out
 
 
 def param_names(model: nn.Module | None, optimizer: Optimizer) -> dict[int, str]:
@@ -78,8 +110,50 @@ def _changed(before: Tensor, after: Tensor) -> bool:
     return not bool(same.all())
 
 
+def _changed_rows(before: Tensor, after: Tensor) -> Tensor:
+    """Which slices along dim 0 of ``after`` differ from ``before`` (same shape): a bool vector,
+    NaN that stayed NaN counted as unchanged, as ``_changed`` counts it."""
+    if torch.equal(after, before):
+        return torch.zeros(after.shape[0], dtype=torch.bool, device=after.device)
+    same = after == before
+    if after.is_floating_point() or after.is_complex():
+        nan = after.isnan()
+        nan &= before.isnan()
+        same |= nan
+        del nan
+    return same.reshape(same.shape[0], -1).all(1).logical_not_()
+
+
+def _idle_rows(p: Tensor) -> Tensor | None:
+    """The slices along dim 0 of ``p`` whose grad is all zero (``-0.0`` too), on this rank; None
+    when there are none, or when ``p`` has fewer than two dimensions or a grad of another sparse
+    layout than COO."""
+    grad = p.grad
+    if grad is None or p.dim() < 2 or grad.layout not in (torch.strided, torch.sparse_coo):
+        return None
+    grad = _local(grad)
+    if grad.dim() < 2 or not grad.shape[0]:
+        return None
+    active, _ = touched_rows(grad)
+    if active.numel() == grad.shape[0]:
+        return None
+    idle = torch.ones(grad.shape[0], dtype=torch.bool, device=active.device)
+    idle[active] = False
+    return idle.nonzero().squeeze(1)
+
+
 class _Record:
-    __slots__ = ("drift", "idle_steps", "moved_steps", "name", "sq")
+    __slots__ = (
+        "drift",
+        "idle_steps",
+        "moved_steps",
+        "name",
+        "row_drift",
+        "row_idle",
+        "row_moved",
+        "row_sq",
+        "sq",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -87,20 +161,31 @@ class _Record:
         self.moved_steps = 0
         self.drift: Tensor | None = None  # sum of the changes made while idle, at >= float32
         self.sq = 0.0  # squared L2 norm of drift
+        # Slices idle while the parameter had a gradient: per slice, in how many steps they were
+        # idle and in how many of those they moved (int64 on the host), and the sum of those moves.
+        self.row_idle: Tensor | None = None
+        self.row_moved: Tensor | None = None
+        self.row_drift: Tensor | None = None
+        self.row_sq = 0.0
 
 
 class WatchReport:
-    """What :func:`watch` saw: per parameter, its moves in steps where it had no gradient.
+    """What :func:`watch` saw: per parameter, its moves in steps where it, or a slice of it, had
+    no gradient.
 
-    Falsy when no parameter moved in such a step. ``str()`` is a table like the demo's.
+    Falsy when nothing moved in such a step. ``str()`` is a table like the demo's.
 
     Attributes:
         steps: How many steps were watched.
-        params: One ``ParamDrift`` per parameter that had no gradient in at least one step,
-            largest drift first: ``name``, ``shape``, ``idle_steps`` (steps without a
-            gradient), ``moved_steps`` (of those, the steps in which the optimizer changed it),
-            ``l2`` and ``max_abs`` (L2 norm and largest element of the sum of those changes).
-        history: After each watched step, the L2 norm of the drift of all parameters together.
+        params: One ``ParamDrift`` per parameter that had no gradient in at least one step, or a
+            slice along dim 0 without one while the rest had one, largest drift first: ``name``,
+            ``shape``, ``idle_steps`` (steps without a gradient), ``moved_steps`` (of those, the
+            steps in which the optimizer changed it), ``l2`` and ``max_abs`` (L2 norm and largest
+            element of the sum of those changes), and ``rows``: a ``SliceDrift`` for a parameter
+            of two or more dimensions some of whose slices (experts, embedding rows) had an
+            all-zero grad in a step where the parameter had a gradient, else None.
+        history: After each watched step, the L2 norm of the drift of all parameters together
+            (whole parameters and slices).
     """
 
     def __init__(self, steps: int, params: list[ParamDrift], history: list[float]) -> None:
@@ -110,8 +195,8 @@ class WatchReport:
 
     @property
     def moved(self) -> list[ParamDrift]:
-        """The parameters that moved in at least one step where they had no gradient."""
-        return [p for p in self.params if p.moved_steps]
+        """The parameters that moved in at least one step where they, or a slice, had no gradient."""
+        return [p for p in self.params if _moved(p)]
 
     @property
     def l2(self) -> float:
@@ -121,7 +206,7 @@ class WatchReport:
     @property
     def max_abs(self) -> float:
         """Largest absolute drift of any element of any parameter."""
-        return max((p.max_abs for p in self.params), default=0.0)
+        return max((max(p.max_abs, p.rows.max_abs if p.rows else 0.0) for p in self.params), default=0.0)
 
     def __bool__(self) -> bool:
         return bool(self.moved)
@@ -129,33 +214,78 @@ class WatchReport:
     def __str__(self) -> str:
         return self.table()
 
+    def as_dict(self) -> dict[str, Any]:
+        """The report as plain data, for ``json.dumps``: ``steps``, ``l2``, ``max_abs``,
+        ``history`` and ``params`` (each ``ParamDrift.as_dict()``: ``name``, ``shape``,
+        ``idle_steps``, ``moved_steps``, ``l2``, ``max_abs``, and ``rows`` for a parameter whose
+        slices were idle while it had a gradient)."""
+        return {
+            "steps": self.steps,
+            "l2": self.l2,
+            "max_abs": self.max_abs,
+            "history": list(self.history),
+            "params": [p.as_dict() for p in self.params],
+        }
+
     def table(self, limit: int | None = 20) -> str:
-        """The report as a table of at most ``limit`` parameters (None: all), largest drift first."""
-        moved = self.moved
+        """The report as a table of at most ``limit`` parameters (None: all), largest drift first;
+        a second table for the slices along dim 0 (experts, embedding rows) when any was idle
+        while its parameter had a gradient."""
+        whole = [p for p in self.params if p.idle_steps]
+        moved = [p for p in whole if p.moved_steps]
+        sliced = [p for p in self.params if p.rows is not None]
         head = (
-            f"watch: {self.steps} step(s); {len(self.params)} parameter(s) had no gradient in some "
+            f"watch: {self.steps} step(s); {len(whole)} parameter(s) had no gradient in some "
             f"step, {len(moved)} of them moved there"
         )
-        if not self.params:
-            return head
-        if moved:
+        if self.moved:
             head += f" (drift L2 {self.l2:.3g}, max abs {self.max_abs:.3g})"
-        else:
+        elif whole:
             head += ": no ghost update"
-        rows = self.params if limit is None else self.params[:limit]
-        width = max(len("parameter"), *(len(p.name) for p in rows))
-        lines = [
-            head,
-            "",
-            f"{'parameter':<{width}}  {'shape':>14}  {'idle steps':>10}  {'moved':>5}  {'drift L2':>9}  {'max abs':>9}",
-        ]
-        for p in rows:
-            shape = "x".join(map(str, p.shape)) or "scalar"
+        lines = [head]
+        if sliced:
+            moved_sliced = [p for p in sliced if p.rows and p.rows.moved_slice_steps]
             lines.append(
-                f"{p.name:<{width}}  {shape:>14}  {p.idle_steps:>10}  {p.moved_steps:>5}  {p.l2:>9.3g}  {p.max_abs:>9.3g}"
+                f"  {len(sliced)} parameter(s) had idle slices along dim 0 (experts, embedding rows) "
+                f"while the rest had a gradient, {len(moved_sliced)} of them moved there"
+                + ("" if moved_sliced else ": no ghost update")
             )
-        if len(rows) < len(self.params):
-            lines.append(f"... and {len(self.params) - len(rows)} more (report.params lists all)")
+        if whole:
+            rows = whole if limit is None else whole[:limit]
+            width = max(len("parameter"), *(len(p.name) for p in rows))
+            lines += [
+                "",
+                f"{'parameter':<{width}}  {'shape':>14}  {'idle steps':>10}  {'moved':>5}  {'drift L2':>9}  {'max abs':>9}",
+            ]
+            for p in rows:
+                shape = "x".join(map(str, p.shape)) or "scalar"
+                lines.append(
+                    f"{p.name:<{width}}  {shape:>14}  {p.idle_steps:>10}  {p.moved_steps:>5}  {p.l2:>9.3g}  {p.max_abs:>9.3g}"
+                )
+            if len(rows) < len(whole):
+                lines.append(f"... and {len(whole) - len(rows)} more (report.params lists all)")
+        if sliced:
+            rows = sliced if limit is None else sliced[:limit]
+            width = max(len("parameter"), *(len(p.name) for p in rows))
+            lines += [
+                "",
+                (
+                    f"{'parameter':<{width}}  {'shape':>14}  {'idle slices':>11}  {'slice-steps':>11}  "
+                    f"{'moved':>5}  {'drift L2':>9}  {'max abs':>9}  moved slices"
+                ),
+            ]
+            for p in rows:
+                r = p.rows
+                assert r is not None
+                shape = "x".join(map(str, p.shape))
+                which = ",".join(map(str, r.moved_slices[:8])) + (",..." if len(r.moved_slices) > 8 else "")
+                lines.append(
+                    f"{p.name:<{width}}  {shape:>14}  {f'{r.idle_slices}/{r.slices}':>11}  "
+                    f"{r.idle_slice_steps:>11}  {r.moved_slice_steps:>5}  {r.l2:>9.3g}  {r.max_abs:>9.3g}  "
+                    f"{which or '-'}"
+                )
+            if len(rows) < len(sliced):
+                lines.append(f"... and {len(sliced) - len(rows)} more (report.params lists all)")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -177,6 +307,8 @@ class Watch:
         self._model = model
         self._records: dict[Tensor, _Record] = {}  # keyed by identity, as torch keys its state
         self._pending: tuple[bool, list[tuple[Tensor, Tensor]]] = (False, [])
+        # (parameter, its idle slices, a copy of them) for parameters that have a gradient
+        self._pending_rows: list[tuple[Tensor, Tensor, Tensor]] = []
         self._steps = 0
         self._sq = 0.0
         self._history: list[float] = []
@@ -202,6 +334,7 @@ class Watch:
 
     def _before(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._pending = (False, [])  # a step that raised left its copies here: drop them first
+        self._pending_rows = []
         params = self._params()
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         with torch.no_grad():
@@ -211,22 +344,35 @@ class Watch:
                 return
             idle = _without_grad(params)
             self._pending = (False, [(p, _local(p.detach()).clone()) for p in idle])
+            self._pending_rows = _idle_slices(params, idle, {})
+
+    def _record(self, p: Tensor, names: dict[int, str]) -> _Record:
+        record = self._records.get(p)
+        if record is None:
+            if not names:
+                names.update(param_names(self._model, self._optimizer))
+            record = self._records[p] = _Record(names.get(id(p), "?"))
+        return record
 
     def _after(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         late, copies = self._pending
+        row_copies = self._pending_rows
         self._pending = (False, [])
+        self._pending_rows = []
         if late:
-            idle = {id(p) for p in _without_grad([p for p, _ in copies])}
+            params = [p for p, _ in copies]
+            idle_params = _without_grad(params)
+            idle = {id(p) for p in idle_params}
+            whole = {id(p): before for p, before in copies}
+            row_copies = _idle_slices(params, idle_params, whole)
             copies = [(p, before) for p, before in copies if id(p) in idle]
         copies.reverse()  # popped from the end, in order: each copy is freed once it is read
-        names: dict[int, str] | None = None
+        names: dict[int, str] = {}
         with torch.no_grad():
+            self._compare_rows(row_copies, names)
             while copies:
                 p, before = copies.pop()
-                record = self._records.get(p)
-                if record is None:
-                    names = names or param_names(self._model, self._optimizer)
-                    record = self._records[p] = _Record(names.get(id(p), "?"))
+                record = self._record(p, names)
                 record.idle_steps += 1
                 after = _local(p.detach())
                 if not _changed(before, after):
@@ -247,15 +393,61 @@ class Watch:
         self._steps += 1
         self._history.append(math.sqrt(max(self._sq, 0.0)))
 
+    def _compare_rows(self, row_copies: list[tuple[Tensor, Tensor, Tensor]], names: dict[int, str]) -> None:
+        """Count the idle slices of each parameter that had a gradient, and add up their moves."""
+        row_copies.reverse()
+        while row_copies:
+            p, rows, before = row_copies.pop()
+            record = self._record(p, names)
+            n = p.shape[0]
+            if record.row_idle is None or record.row_moved is None:
+                record.row_idle = torch.zeros(n, dtype=torch.int64)
+                record.row_moved = torch.zeros(n, dtype=torch.int64)
+            rows_here = rows.cpu()
+            record.row_idle.index_add_(0, rows_here, torch.ones_like(rows_here))
+            after = _local(p.detach())
+            if after.shape[1:] != before.shape[1:] or after.dtype != before.dtype:
+                record.row_moved.index_add_(0, rows_here, torch.ones_like(rows_here))
+                continue  # replaced by another tensor: nothing to add up
+            after = after.index_select(0, rows)
+            moved = _changed_rows(before, after)
+            if not bool(moved.any()):
+                continue
+            record.row_moved.index_add_(0, rows_here, moved.to("cpu", torch.int64))
+            dtype = torch.promote_types(after.dtype, torch.float32)
+            delta = (before if before.dtype == dtype else before.to(dtype)).neg_().add_(after)
+            del before, after
+            if record.row_drift is None:
+                record.row_drift = torch.zeros(p.shape, dtype=dtype, device=delta.device)
+            record.row_drift.index_add_(0, rows, delta)
+            del delta
+            sq = float(torch.linalg.vector_norm(record.row_drift)) ** 2
+            self._sq += sq - record.row_sq
+            record.row_sq = sq
+
     def report(self) -> WatchReport:
         """What was seen so far, as a :class:`WatchReport`."""
         rows = []
         for p, r in self._records.items():
             max_abs = 0.0 if r.drift is None else float(r.drift.abs().max()) if r.drift.numel() else 0.0
+            slices = None
+            if r.row_idle is not None and r.row_moved is not None:
+                drift = r.row_drift
+                slices = SliceDrift(
+                    slices=int(r.row_idle.numel()),
+                    idle_slices=int(r.row_idle.ne(0).sum()),
+                    idle_slice_steps=int(r.row_idle.sum()),
+                    moved_slice_steps=int(r.row_moved.sum()),
+                    moved_slices=tuple(r.row_moved.nonzero().squeeze(1).tolist()),
+                    l2=math.sqrt(r.row_sq),
+                    max_abs=float(drift.abs().max()) if drift is not None and drift.numel() else 0.0,
+                )
             rows.append(
-                ParamDrift(r.name, tuple(p.shape), r.idle_steps, r.moved_steps, math.sqrt(r.sq), max_abs)
+                ParamDrift(
+                    r.name, tuple(p.shape), r.idle_steps, r.moved_steps, math.sqrt(r.sq), max_abs, slices
+                )
             )
-        rows.sort(key=lambda row: (-row.l2, -row.moved_steps, row.name))
+        rows.sort(key=lambda row: (-max(row.l2, row.rows.l2 if row.rows else 0.0), -_moved(row), row.name))
         return WatchReport(self._steps, rows, list(self._history))
 
     def remove(self) -> None:
@@ -267,6 +459,7 @@ class Watch:
             handle.remove()
         self._handles = []
         self._pending = (False, [])
+        self._pending_rows = []
 
     def __enter__(self) -> Self:
         return self
@@ -286,6 +479,32 @@ def _without_grad(params: Iterable[Tensor]) -> list[Tensor]:
     with_grad = [p for p in params if p.grad is not None]
     flags = dict(zip(map(id, with_grad), nonzero_flags([_local(p.grad) for p in with_grad])))  # type: ignore[arg-type]  # with_grad holds parameters whose grad is not None
     return [p for p in params if not flags.get(id(p), False)]
+
+
+def _idle_slices(
+    params: list[Tensor], idle: list[Tensor], copies: dict[int, Tensor]
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """For each parameter with a gradient (not in ``idle``) whose grad has all-zero slices along
+    dim 0: the parameter, those slices' indices and a copy of them (taken from ``copies``, whole
+    copies made before the step, where the parameter is there; else from the parameter now)."""
+    out = []
+    idle_ids = {id(p) for p in idle}
+    for p in params:
+        if id(p) in idle_ids:
+            continue
+        rows = _idle_rows(p)
+        if rows is None:
+            continue
+        source = copies.get(id(p))
+        if source is None:
+            source = _local(p.detach())
+        rows = rows.to(source.device)
+        out.append((p, rows, source.index_select(0, rows)))
+    return out
+
+
+def _moved(row: ParamDrift) -> int:
+    return row.moved_steps + (row.rows.moved_slice_steps if row.rows else 0)
 
 
 def watch(optimizer: Optimizer, model: nn.Module | None = None) -> Watch:
