@@ -39,11 +39,11 @@ def test_watch_counts_idle_slices_of_a_parameter_with_a_gradient() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
     w = safeopt.watch(opt, model)
     total = torch.zeros_like(model.experts)  # the idle slices' moves, added up independently
-    for step in IDLE:
+    for step, idle in IDLE.items():
         set_grads(model, step)
         before = model.experts.detach().clone()
         opt.step()
-        for row in IDLE[step]:
+        for row in idle:
             total[row] += model.experts[row].detach() - before[row]
     report = w.report()
     by_name = {p.name: p for p in report.params}
