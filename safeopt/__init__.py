@@ -3,6 +3,7 @@
 from safeopt._audit import AuditReport, Finding, audit
 from safeopt._bench import bench
 from safeopt._freeze import Target
+from safeopt._groups import groups
 from safeopt._optimizers import SGD, Adam, AdamW
 from safeopt._watch import ParamDrift, SliceDrift, Watch, WatchReport, watch
 from safeopt._wrap import LazyWrapper, wrap
@@ -24,6 +25,7 @@ __all__ = [
     "__version__",
     "audit",
     "bench",
+    "groups",
     "watch",
     "wrap",
 ]
