@@ -238,6 +238,8 @@ class WatchReport:
             f"watch: {self.steps} step(s); {len(whole)} parameter(s) had no gradient in some "
             f"step, {len(moved)} of them moved there"
         )
+        if sliced and not whole:
+            head = f"watch: {self.steps} step(s); every parameter had a gradient in every step"
         if self.moved:
             head += f" (drift L2 {self.l2:.3g}, max abs {self.max_abs:.3g})"
         elif whole:
@@ -515,11 +517,15 @@ def watch(optimizer: Optimizer, model: nn.Module | None = None) -> Watch:
     as before. A parameter has no gradient in a step when its ``.grad`` is None or every element
     is zero (``-0.0`` too) when ``step()`` is called. For each such parameter the watch counts
     the steps, the steps in which the optimizer changed it anyway (the ghost update), and adds
-    up those changes. ``model`` names the parameters (``model.named_parameters()``); without it
+    up those changes. A parameter of two or more dimensions that has a gradient is also watched
+    slice by slice along dim 0 (experts of a fused ``[E, ...]`` parameter, embedding rows): its
+    slices whose grad is all zero are counted, and their moves added up, in ``ParamDrift.rows``.
+    ``model`` names the parameters (``model.named_parameters()``); without it
     they are named by position, ``param_groups[g][i]``.
 
-    Cost: a copy of the parameters without a gradient during each step, and one tensor per
-    parameter that moved, holding the sum of its moves (at least float32). With a closure
+    Cost: a copy of the parameters without a gradient during each step, and of the idle slices
+    of the others (found by one more read of each grad of two or more dimensions), and one tensor
+    per parameter that moved (or whose slices did), holding the sum of its moves (at least float32). With a closure
     (``step(closure)``) every parameter is copied, since the grads are only made inside the step.
     The copies of a step that raised are dropped by the next step or by ``remove()``.
 
