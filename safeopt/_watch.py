@@ -401,13 +401,15 @@ class Watch:
         while row_copies:
             p, rows, before = row_copies.pop()
             record = self._record(p, names)
-            n = p.shape[0]
+            after = _local(p.detach())  # a DTensor's local shard: its slices are this rank's
+            n = after.shape[0] if after.dim() else 0
             if record.row_idle is None or record.row_moved is None:
                 record.row_idle = torch.zeros(n, dtype=torch.int64)
-                record.row_moved = torch.zeros(n, dtype=torch.int64)
+                record.row_moved = torch.zeros_like(record.row_idle)
             rows_here = rows.cpu()
+            if record.row_idle.numel() != n or int(rows_here.max()) >= n:
+                continue  # replaced in the step by a tensor of another size: nothing to compare
             record.row_idle.index_add_(0, rows_here, torch.ones_like(rows_here))
-            after = _local(p.detach())
             if after.shape[1:] != before.shape[1:] or after.dtype != before.dtype:
                 record.row_moved.index_add_(0, rows_here, torch.ones_like(rows_here))
                 continue  # replaced by another tensor: nothing to add up
@@ -420,7 +422,9 @@ class Watch:
             delta = (before if before.dtype == dtype else before.to(dtype)).neg_().add_(after)
             del before, after
             if record.row_drift is None:
-                record.row_drift = torch.zeros(p.shape, dtype=dtype, device=delta.device)
+                record.row_drift = torch.zeros((n, *delta.shape[1:]), dtype=dtype, device=delta.device)
+            elif record.row_drift.shape[1:] != delta.shape[1:] or record.row_drift.dtype != dtype:
+                continue  # the parameter was replaced by one of another shape: nothing to add up
             record.row_drift.index_add_(0, rows, delta)
             del delta
             sq = float(torch.linalg.vector_norm(record.row_drift)) ** 2
