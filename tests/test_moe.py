@@ -385,3 +385,39 @@ def test_hf_trainer_lockstep_and_resume_bit_identical(kind: str, tmp_path: Path)
         for key, value in mine.items():
             assert torch.equal(value, theirs[key]), key
     assert any("row_step" in opt.state[p] for p in experts(whole).values())
+
+
+# --- PyTorch Lightning ------------------------------------------------------------------------
+
+
+def test_lightning_configure_optimizers_with_groups_equals_the_plain_loop(tmp_path: Path) -> None:
+    from test_clients import lightning, trainer
+
+    L = lightning()
+    ids = batches(4)
+
+    class Module(L.LightningModule):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = build("mixtral")
+
+        def training_step(self, batch: Tensor, index: int) -> Tensor:
+            loss: Tensor = self.net(input_ids=batch, labels=batch).loss
+            return loss
+
+        def configure_optimizers(self) -> safeopt.AdamW:
+            return safeopt.AdamW(safeopt.groups(self.net, weight_decay=0.1), lr=1e-2)
+
+    module = Module()
+    trainer(L, tmp_path, max_steps=len(ids)).fit(module, torch.utils.data.DataLoader(ids, batch_size=None))
+
+    plain = build("mixtral")
+    opt = safeopt_adamw(plain)
+    for batch in ids:
+        plain(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for (name, a), b in zip(plain.named_parameters(), module.net.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    inner_opt = module.trainer.optimizers[0]
+    assert any("row_step" in inner_opt.state[p] for p in experts(module.net).values())
