@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from safeopt._row_rule import touched_rows
+from safeopt._row_rule import active_rows, touched_rows
 from safeopt._rule import nonzero_flags
 
 __all__ = ["ParamDrift", "SliceDrift", "Watch", "WatchReport", "param_names", "watch"]
@@ -110,18 +110,32 @@ def _changed(before: Tensor, after: Tensor) -> bool:
     return not bool(same.all())
 
 
-def _changed_rows(before: Tensor, after: Tensor) -> Tensor:
-    """Which slices along dim 0 of ``after`` differ from ``before`` (same shape): a bool vector,
-    NaN that stayed NaN counted as unchanged, as ``_changed`` counts it."""
-    if torch.equal(after, before):
-        return torch.zeros(after.shape[0], dtype=torch.bool, device=after.device)
-    same = after == before
-    if after.is_floating_point() or after.is_complex():
-        nan = after.isnan()
-        nan &= before.isnan()
-        same |= nan
-        del nan
-    return same.reshape(same.shape[0], -1).all(1).logical_not_()
+def _row_changes(before: Tensor, after: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """How the slices along dim 0 of ``after`` differ from ``before`` (same shape): a bool vector
+    of the slices that changed (NaN that stayed NaN is no change, as ``_changed`` counts it) and
+    ``after - before`` in ``dtype``, zero in the slices that did not change. None when none did.
+
+    One subtraction and one L1 norm per slice decide it: a slice changed when the norm of its
+    change is finite and nonzero; only slices whose norm is not finite (NaN, inf) are compared
+    element by element."""
+    if torch.equal(after, before):  # the usual answer under safeopt
+        return None
+    delta = after.to(dtype) - before.to(dtype)
+    norms = torch.linalg.vector_norm(delta.reshape(delta.shape[0], -1), ord=1, dim=1)
+    moved = norms.ne(0)
+    unsure = torch.isfinite(norms).logical_not_()
+    if bool(unsure.any()):
+        ids = unsure.nonzero().squeeze(1)
+        a, b = after.index_select(0, ids), before.index_select(0, ids)
+        same = a == b
+        if a.is_floating_point() or a.is_complex():
+            same |= a.isnan() & b.isnan()
+        moved[ids] = same.reshape(ids.numel(), -1).all(1).logical_not_()
+    if not bool(moved.any()):
+        return None
+    if not bool(moved.all()):
+        delta[moved.logical_not()] = 0
+    return moved, delta
 
 
 def _idle_rows(p: Tensor) -> Tensor | None:
@@ -344,9 +358,9 @@ class Watch:
                 # The closure makes the grads inside step(): copy everything, decide afterwards.
                 self._pending = (True, [(p, _local(p.detach()).clone()) for p in params])
                 return
-            idle = _without_grad(params)
+            idle, sliced = _decide(params)
             self._pending = (False, [(p, _local(p.detach()).clone()) for p in idle])
-            self._pending_rows = _idle_slices(params, idle, {})
+            self._pending_rows = _slice_copies(sliced, {})
 
     def _record(self, p: Tensor, names: dict[int, str]) -> _Record:
         record = self._records.get(p)
@@ -363,10 +377,9 @@ class Watch:
         self._pending_rows = []
         if late:
             params = [p for p, _ in copies]
-            idle_params = _without_grad(params)
+            idle_params, sliced = _decide(params)
             idle = {id(p) for p in idle_params}
-            whole = {id(p): before for p, before in copies}
-            row_copies = _idle_slices(params, idle_params, whole)
+            row_copies = _slice_copies(sliced, {id(p): before for p, before in copies})
             copies = [(p, before) for p, before in copies if id(p) in idle]
         copies.reverse()  # popped from the end, in order: each copy is freed once it is read
         names: dict[int, str] = {}
@@ -413,14 +426,13 @@ class Watch:
             if after.shape[1:] != before.shape[1:] or after.dtype != before.dtype:
                 record.row_moved.index_add_(0, rows_here, torch.ones_like(rows_here))
                 continue  # replaced by another tensor: nothing to add up
-            after = after.index_select(0, rows)
-            moved = _changed_rows(before, after)
-            if not bool(moved.any()):
-                continue
-            record.row_moved.index_add_(0, rows_here, moved.to("cpu", torch.int64))
             dtype = torch.promote_types(after.dtype, torch.float32)
-            delta = (before if before.dtype == dtype else before.to(dtype)).neg_().add_(after)
-            del before, after
+            changes = _row_changes(before, after.index_select(0, rows), dtype)
+            del before
+            if changes is None:
+                continue
+            moved, delta = changes
+            record.row_moved.index_add_(0, rows_here, moved.to("cpu", torch.int64))
             if record.row_drift is None:
                 record.row_drift = torch.zeros((n, *delta.shape[1:]), dtype=dtype, device=delta.device)
             elif record.row_drift.shape[1:] != delta.shape[1:] or record.row_drift.dtype != dtype:
@@ -487,20 +499,51 @@ def _without_grad(params: Iterable[Tensor]) -> list[Tensor]:
     return [p for p in params if not flags.get(id(p), False)]
 
 
-def _idle_slices(
-    params: list[Tensor], idle: list[Tensor], copies: dict[int, Tensor]
-) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """For each parameter with a gradient (not in ``idle``) whose grad has all-zero slices along
-    dim 0: the parameter, those slices' indices and a copy of them (taken from ``copies``, whole
-    copies made before the step, where the parameter is there; else from the parameter now)."""
-    out = []
-    idle_ids = {id(p) for p in idle}
+def _decide(params: list[Tensor]) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+    """The parameters without a gradient (None or all zero, on this rank), and for each other
+    parameter of two or more dimensions whose grad has all-zero slices along dim 0, those slices.
+
+    A dense grad of two or more dimensions is judged by its rows alone (``active_rows``: the
+    same zero as the whole-tensor check, ``-0.0`` zero, NaN, inf and subnormals not), so it is
+    read once, not once whole and once by rows: it has no gradient when no row is active."""
+    active: dict[int, Tensor] = {}
+    rest = []
     for p in params:
-        if id(p) in idle_ids:
-            continue
-        rows = _idle_rows(p)
+        grad = None if p.grad is None else _local(p.grad)
+        if grad is not None and grad.layout is torch.strided and grad.dim() >= 2 and grad.numel():
+            active[id(p)] = active_rows(grad)
+        else:
+            rest.append(p)
+    without = {id(p) for p in _without_grad(rest)}
+    idle: list[Tensor] = []
+    sliced: list[tuple[Tensor, Tensor]] = []
+    for p in params:
+        rows = active.get(id(p))
         if rows is None:
-            continue
+            if id(p) in without:
+                idle.append(p)
+            else:
+                found = _idle_rows(p)  # a sparse COO grad: the rows it names
+                if found is not None:
+                    sliced.append((p, found))
+        elif not rows.numel():
+            idle.append(p)
+        else:
+            n = _local(p.grad).shape[0]  # type: ignore[arg-type]  # p has a grad: its rows were read
+            if rows.numel() < n:
+                mask = torch.ones(n, dtype=torch.bool, device=rows.device)
+                mask[rows] = False
+                sliced.append((p, mask.nonzero().squeeze(1)))
+    return idle, sliced
+
+
+def _slice_copies(
+    sliced: list[tuple[Tensor, Tensor]], copies: dict[int, Tensor]
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """For each parameter and its idle slices: a copy of those slices (taken from ``copies``,
+    whole copies made before the step, where the parameter is there; else from the parameter)."""
+    out = []
+    for p, rows in sliced:
         source = copies.get(id(p))
         if source is None:
             source = _local(p.detach())

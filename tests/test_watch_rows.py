@@ -5,6 +5,7 @@ computes changes. Models as transformers builds them: tests/test_moe.py."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -165,3 +166,19 @@ def test_watch_slices_of_a_sparse_embedding_grad() -> None:
     # rows never looked up: 3 and 5 in every step; momentum moves rows once they have a buffer
     assert row.rows is not None and row.rows.slices == 6
     assert row.rows.idle_slice_steps == 4 + 4 + 5
+
+
+def test_a_nan_slice_that_stays_nan_did_not_move_and_adds_no_nan() -> None:
+    model = Experts()
+    with torch.no_grad():
+        model.experts[3] = float("nan")  # decay keeps it NaN: no change, as the whole-tensor watch counts it
+    opt = torch.optim.AdamW([model.experts], lr=0.1, weight_decay=0.1)
+    w = safeopt.watch(opt, model)
+    for step in IDLE:
+        set_grads(model, step)
+        opt.step()
+    (row,) = w.report().params
+    assert row.rows is not None
+    assert row.rows.idle_slice_steps == 5 and row.rows.moved_slice_steps == 3
+    assert row.rows.moved_slices == (1,)
+    assert row.rows.l2 > 0 and math.isfinite(row.rows.l2)  # the NaN slice added nothing
