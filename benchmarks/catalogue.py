@@ -1,6 +1,6 @@
 """What the benchmarks measure: the models and shapes, the optimizers and their implementations.
 
-Shared by ``bench_overhead.py``, ``bench_idle.py`` and ``bench_rows.py`` (and any later suite), so
+Shared by ``bench_overhead.py``, ``bench_idle.py``, ``bench_rows.py`` and ``bench_moe.py``, so
 every question is asked of the same workloads. A workload builds a list of parameters.
 """
 
@@ -73,3 +73,18 @@ def build(make: Build, device: str) -> list[nn.Parameter]:
     torch.manual_seed(0)
     with torch.device(device):
         return make()
+
+
+def _moe(experts: int, hidden: int, inter: int) -> Build:
+    """One MoE layer's fused experts as transformers 5 keeps them: ``gate_up_proj [E, 2I, H]`` and
+    ``down_proj [E, H, I]`` (each expert a contiguous slice)."""
+    return lambda: [
+        nn.Parameter(torch.randn(experts, 2 * inter, hidden) * 0.02),
+        nn.Parameter(torch.randn(experts, hidden, inter) * 0.02),
+    ]
+
+
+#: Fused experts sized for the CPU, with the fractions of experts idle in a step.
+MOE_WORKLOADS: dict[str, tuple[Build, tuple[float, ...]]] = {
+    "64 experts, H 256, I 256 (12.6M)": (_moe(64, 256, 256), (0.0, 0.25, 0.5, 0.75)),
+}

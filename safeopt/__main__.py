@@ -344,9 +344,10 @@ def _watch(args: argparse.Namespace) -> int:
     _check_json(args.json)
     head = _invoked_as()
 
-    def fix(wrap_all: bool) -> str:
+    def fix(wrap_all: bool, rows: str | None) -> str:
         what = [
             *(["--wrap-all"] if wrap_all else []),
+            *(["--rows", rows] if rows else []),
             *(["-m", target.name] if target.module else [target.name]),
         ]
         return f"{head} run {shlex.join([*what, *args.script_args])}"

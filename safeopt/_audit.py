@@ -12,6 +12,8 @@ from typing import NamedTuple
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from safeopt._groups import row_tables
+from safeopt._row_rule import ROWS
 from safeopt._watch import param_names
 
 __all__ = ["AuditReport", "Finding", "audit"]
@@ -27,6 +29,11 @@ KINDS = {
     ),
     "held_twice": "held more than once by the optimizer: each step updates them more than once",
     "shared": "one parameter under several names (tied weights?): it is stepped and frozen as one",
+    "rows_not_lazy": (
+        'fused experts or embedding tables in a group without lazy="rows": an expert or row that '
+        "got no tokens still has a gradient (all zero in its slice), and the optimizer moves it; "
+        'safeopt.AdamW(safeopt.groups(model, ...)) puts them in a lazy="rows" group'
+    ),
 }
 
 
@@ -44,7 +51,8 @@ class AuditReport:
     Attributes:
         findings: Every finding, grouped by kind: a ``Finding`` with ``kind`` (one of
             ``"not_in_optimizer"``, ``"replaced"``, ``"not_in_model"``,
-            ``"requires_grad_false"``, ``"held_twice"``, ``"shared"``), ``names`` (the
+            ``"requires_grad_false"``, ``"held_twice"``, ``"shared"``, ``"rows_not_lazy"``),
+            ``names`` (the
             parameter's names in the model, or where the optimizer holds it) and ``detail``.
     """
 
@@ -95,7 +103,10 @@ def audit(model: nn.Module, optimizer: Optimizer) -> AuditReport:
     - optimizer parameters no longer in the model;
     - parameters the optimizer holds with ``requires_grad=False``;
     - parameters the optimizer holds more than once;
-    - one parameter under several names in the model (tied weights).
+    - one parameter under several names in the model (tied weights);
+    - fused expert parameters (``[E, ...]``) and untied embedding tables in a group without
+      ``lazy="rows"`` (``safeopt.groups``' ``rows="auto"`` rule says which): there the optimizer
+      decides per tensor, and an expert or row that got no tokens is moved.
 
     Works with any ``torch.optim.Optimizer``; changes nothing. The report is falsy when there is
     no finding, and ``str(report)`` lists each finding with the parameter names.
@@ -186,6 +197,16 @@ def audit(model: nn.Module, optimizer: Optimizer) -> AuditReport:
         Finding("shared", tuple(ns), _shape(model_params[pid]))
         for pid, ns in model_names.items()
         if len(ns) > 1
+    ]
+    tables = row_tables(model)
+    findings += [
+        Finding(
+            "rows_not_lazy",
+            tuple(model_names.get(pid) or [names[pid]]),
+            f"{tables[pid]}, {_shape(held_params[pid])}, {where(pid)}",
+        )
+        for pid in held_params
+        if pid in tables and optimizer.param_groups[held[pid][0][0]].get("lazy") != ROWS
     ]
     n_model = sum(1 for p in model_params.values() if p.requires_grad)
     return AuditReport(findings, n_model, len(held))

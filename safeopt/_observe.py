@@ -22,6 +22,8 @@ collected as it would be unwatched, and what its watch saw is kept as a :class:`
 from __future__ import annotations
 
 import gc
+import re
+import sys
 import threading
 import weakref
 from collections import Counter
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from safeopt._groups import row_tables
 from safeopt._watch import Watch, WatchReport, param_names
 
 __all__ = ["REPLACED", "GlobalWatch", "Summary", "Watched", "module_names", "optimizer_names"]
@@ -40,9 +43,12 @@ __all__ = ["REPLACED", "GlobalWatch", "Summary", "Watched", "module_names", "opt
 REPLACED = ("torch.optim.adam.Adam", "torch.optim.adamw.AdamW", "torch.optim.sgd.SGD")
 
 
-def module_names(params: Iterable[Tensor]) -> dict[int, str]:
+def module_names(params: Iterable[Tensor], tables: set[int] | None = None) -> dict[int, str]:
     """Names, by ``id``, of those of ``params`` that a live module holds: each as named by the
     outermost module holding it (a module that is no other module's child).
+
+    ``tables``, when given, receives the ``id`` of each of ``params`` that ``safeopt.groups``
+    would step by rows (``row_tables``: fused experts, embedding tables) in those modules.
 
     When the parameters come from several outermost modules, each name starts with its module's
     class (``Generator.0.weight``), numbered when a class repeats (``Sequential#2.0.weight``).
@@ -70,6 +76,9 @@ def module_names(params: Iterable[Tensor]) -> dict[int, str]:
         if fresh:
             used.append(root)
             tagged.update({i: (n, len(used) - 1) for i, n in fresh.items()})
+    if tables is not None:
+        for root in used:
+            tables.update(i for i in row_tables(root) if i in tagged)
     if len(used) <= 1:
         return {i: n for i, (n, _) in tagged.items()}
     labels = _root_labels(used)
@@ -98,11 +107,12 @@ def _held(optimizer: Optimizer) -> list[Tensor]:
     return out
 
 
-def optimizer_names(optimizer: Optimizer) -> dict[int, str]:
+def optimizer_names(optimizer: Optimizer, tables: set[int] | None = None) -> dict[int, str]:
     """A name for every parameter ``optimizer`` holds, by ``id``: the module's (see
-    :func:`module_names`), else the optimizer's (named parameters), else ``param_groups[g][i]``."""
+    :func:`module_names`, which also fills ``tables``), else the optimizer's (named parameters),
+    else ``param_groups[g][i]``."""
     names = param_names(None, optimizer)
-    names.update(module_names(_held(optimizer)))
+    names.update(module_names(_held(optimizer), tables))
     return names
 
 
@@ -113,6 +123,7 @@ class Summary(NamedTuple):
     n_params: int
     report: WatchReport
     data: dict[str, Any]  # its entry in the JSON
+    tables: frozenset[str]  # the names of its expert and embedding tables (``row_tables``)
 
 
 class Watched:
@@ -127,6 +138,7 @@ class Watched:
         self.index = index
         self.cls = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
         self._names: dict[int, str] = {}
+        self._tables: set[int] = set()
         self._released = released
         self.watch = Watch(optimizer, names=self.names, hooks=False)
         self.names()  # now, while the modules live: at exit the script's may be gone
@@ -134,7 +146,8 @@ class Watched:
     def names(self) -> dict[int, str]:
         """The names, made at the first call and again when the optimizer holds a new parameter."""
         if any(id(p) not in self._names for p in _held(self.optimizer)):
-            self._names = optimizer_names(self.optimizer)
+            self._tables = set()
+            self._names = optimizer_names(self.optimizer, self._tables)
         return self._names
 
     def summary(self) -> Summary:
@@ -146,24 +159,27 @@ class Watched:
         for p in held:
             name = names.get(id(p), "?")
             d = drift.get(name)
-            params.append(
-                {
-                    "name": name,
-                    "shape": list(p.shape),
-                    "idle_steps": d.idle_steps if d else 0,
-                    "moved_steps": d.moved_steps if d else 0,
-                    "l2": d.l2 if d else 0.0,
-                    "max_abs": d.max_abs if d else 0.0,
-                }
-            )
+            entry = d.as_dict() if d else {"idle_steps": 0, "moved_steps": 0, "l2": 0.0, "max_abs": 0.0}
+            params.append({**entry, "name": name, "shape": list(p.shape)})
         data = {"class": self.cls, "steps": report.steps, "params": params}
-        return Summary(self.cls, len(held), report, data)
+        tables = frozenset(names[i] for i in self._tables if i in names)
+        return Summary(self.cls, len(held), report, data, tables)
 
     def __del__(self) -> None:
         try:
             self._released(self)
         except Exception:  # noqa: BLE001, S110  # a finalizer must not raise; the optimizer is simply left out
             pass
+
+
+def rows_pattern(names: list[str]) -> str | None:
+    """A ``--rows`` regex matching ``names`` and their siblings in other layers: each name with
+    its numbered parts (layer indices) as ``\\d+``; None for no names."""
+    parts = dict.fromkeys(
+        r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in name.split("."))
+        for name in names
+    )
+    return "|".join(parts) if parts else None
 
 
 class GlobalWatch:
@@ -176,8 +192,10 @@ class GlobalWatch:
         # one that was collected (written by Watched.__del__, without a lock: it runs inside GC).
         self._entries: list[weakref.ref[Watched] | Summary] = []
         self._handles: list[Any] = []
+        self._stopped = False
 
     def start(self) -> None:
+        self._stopped = False
         if not self._handles:
             self._handles = [
                 register_optimizer_step_pre_hook(self._before),
@@ -185,12 +203,17 @@ class GlobalWatch:
             ]
 
     def stop(self) -> None:
+        """Remove the hooks. Optimizers collected from now on are left out of the report: their
+        summary would be made inside the garbage collector, at the interpreter's exit too, where
+        torch's tensors may already be half torn down."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._stopped = True
 
     def _released(self, watched: Watched) -> None:
-        self._entries[watched.index] = watched.summary()
+        if not self._stopped and not sys.is_finalizing():
+            self._entries[watched.index] = watched.summary()
 
     def _before(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         watched = vars(optimizer).get(self._attr)
@@ -224,10 +247,10 @@ class GlobalWatch:
         """The JSON of ``python -m safeopt watch --json``: every optimizer, every parameter it holds."""
         return {"optimizers": [s.data for s in self.summaries()]}
 
-    def text(self, fix: Callable[[bool], str]) -> str:
+    def text(self, fix: Callable[[bool, str | None], str]) -> str:
         """The report: a table per optimizer, a verdict and, when something moved, the command that
-        fixes it (``fix(wrap_all)``: ``wrap_all`` when an optimizer that moved is not one that
-        ``run`` replaces)."""
+        fixes it (``fix(wrap_all, rows)``: ``wrap_all`` when an optimizer that moved is not one that
+        ``run`` replaces; ``rows``, a ``--rows`` pattern when slices along dim 0 moved, else None)."""
         summaries = self.summaries()
         if not summaries:
             return "safeopt watch: no torch.optim optimizer stepped during the run"
@@ -237,22 +260,49 @@ class GlobalWatch:
             report = w.report
             table = report.table().replace("(report.params lists all)", "(--json lists all)")
             lines += ["", f"{w.cls}: {w.n_params} parameter(s)", table]
-            if report:
+            if any(p.moved_steps or (p.rows is not None and p.name in w.tables) for p in report.moved):
                 affected.append((w, report))
         lines.append("")
+        dense = sum(
+            len(p.rows.moved_slices)
+            for w in summaries
+            for p in w.report.moved
+            if p.rows is not None and p.name not in w.tables
+        )
+        if dense:
+            lines.append(
+                f"note: {dense} slice(s) along dim 0 of dense weights (units that took no part in a step) "
+                'moved without a gradient; safeopt\'s rule is per parameter, lazy="rows" extends it to '
+                "slices (docs/rows.md)"
+            )
         if not affected:
             lines.append(
                 "verdict: not affected in this run: no optimizer moved a parameter in a step where it "
                 "had no gradient"
             )
             return "\n".join(lines)
-        moved = sum(len(r.moved) for _, r in affected)
-        steps = sum(p.moved_steps for _, r in affected for p in r.moved)
+        # Slices count toward the verdict in expert and embedding tables only: the rows of a dense
+        # layer's weight behind units that took no part (a ReLU's dead units) are listed, not judged.
+        whole = [p for _, r in affected for p in r.moved if p.moved_steps]
+        sliced = [
+            p
+            for w, r in affected
+            for p in r.moved
+            if p.rows is not None and p.rows.moved_slice_steps and p.name in w.tables
+        ]
         classes = ", ".join(sorted({w.cls for w, _ in affected}))
-        lines.append(
-            f"verdict: affected: {classes} moved {moved} parameter(s) without a gradient, "
-            f"{steps} time(s) in all (the ghost update)"
-        )
+        what = []
+        if whole:
+            what.append(
+                f"{len(whole)} parameter(s) without a gradient, {sum(p.moved_steps for p in whole)} time(s) in all"
+            )
+        if sliced:
+            what.append(
+                f"{sum(len(p.rows.moved_slices) for p in sliced if p.rows)} slice(s) along dim 0 "
+                f"(experts, embedding rows) of {len(sliced)} parameter(s) without a gradient, "
+                f"{sum(p.rows.moved_slice_steps for p in sliced if p.rows)} time(s) in all"
+            )
+        lines.append(f"verdict: affected: {classes} moved {' and '.join(what)} (the ghost update)")
         others = any(w.cls not in REPLACED for w, _ in affected)
-        lines.append(f"fix: {fix(others)}")
+        lines.append(f"fix: {fix(others, rows_pattern([p.name for p in sliced]))}")
         return "\n".join(lines)

@@ -72,11 +72,36 @@ def active_rows(grad: Tensor) -> Tensor:
         open_rows = flat.shape[0] - int(known.sum())
         if not open_rows:
             return torch.arange(flat.shape[0], device=grad.device)
+        if open_rows <= _IN_PLACE_ROWS and flat.device.type == "cpu" and sys.byteorder == "little":
+            unknown = (~known).nonzero().squeeze(1)
+            known[unknown[_open_rows_in_place(flat, unknown)]] = True
+            return known.nonzero().squeeze(1)
         if 2 * open_rows <= flat.shape[0]:
             unknown = (~known).nonzero().squeeze(1)
             known[unknown[_rows_of(flat.index_select(0, unknown))]] = True
             return known.nonzero().squeeze(1)
     return _rows_of(flat)
+
+
+# Up to this many wide rows left open by their first element (idle experts, say) are read where
+# they lie, one ``amax`` each: gathering them first copies them (measured: 4 ms a step for 16
+# idle experts of 512 KB and 256 KB, on a fused AdamW step of 15 ms), and the whole-grad pass
+# reads the rows their first element settled too (a third of a step with 48 of 64 idle). On the
+# CPU only: on an accelerator a kernel launch per row is not measured to pay (none was available).
+_IN_PLACE_ROWS = 256
+
+
+def _open_rows_in_place(flat: Tensor, unknown: Tensor) -> Tensor:
+    """``_rows_of`` for the rows ``unknown`` of ``flat`` (little-endian), as a bool mask over
+    ``unknown``, reading each row in place: nothing is copied."""
+    as_bytes = flat.view(torch.uint8)
+    ids = unknown.tolist()
+    top = torch.stack([as_bytes[i].amax() for i in ids])
+    active = top.ne(0)
+    unsure = (top == _SIGN_BYTE).nonzero().squeeze(1).tolist()
+    for j in unsure:
+        active[j] = _nonzero_rows(flat[ids[j] : ids[j] + 1])[0]
+    return active
 
 
 def _rows_of(flat: Tensor) -> Tensor:

@@ -98,6 +98,9 @@ class _Job(NamedTuple):
     runs: list[tuple[int, int, float]]  # in place: each shadow's rows [start, stop) and count
     created: list[str]  # state keys this step created (all of them: "" too), undone if it fails
     skip: Tensor | None  # a fused step under GradScaler: the device flag of a step its kernels skip
+    # per shadow: whether torch was given its per-element state (views or splits it updates in
+    # place); not for SGD rows taking their first step, whose momentum buffer torch makes
+    given: list[bool]
 
 
 # A parameter whose active rows form few runs of consecutive rows with one count, each holding
@@ -314,7 +317,8 @@ class RowSteps:
             shadow.grad = shadow_grad
         states = _shadow_states(state, parts, shadow_counts, sgd)
         skip = skip_flag(optimizer) if skips_by_found_inf(optimizer, group) else None
-        job = _Job(p, rows, counts, keys, compact, buckets, shadows, runs or [], created, skip)
+        given = [not (sgd and count == 0) for count in shadow_counts]
+        job = _Job(p, rows, counts, keys, compact, buckets, shadows, runs or [], created, skip, given)
         return job, states
 
     def view(self, state: Any) -> Any:
@@ -369,7 +373,9 @@ class RowSteps:
         first = self.states[job.shadows[0]]
         if job.runs:  # stepped in place; torch made new SGD momentum buffers for first-step runs
             for key in job.keys:
-                for shadow, (start, stop, _) in zip(job.shadows, job.runs):
+                for shadow, (start, stop, _), given in zip(job.shadows, job.runs, job.given):
+                    if given:  # torch updated the views of the state in place
+                        continue
                     made = self.states[shadow].get(key)
                     if made is not None and made.data_ptr() != state[key][start:stop].data_ptr():
                         state[key][start:stop].copy_(_unless_skipped(job.skip, made, state[key][start:stop]))

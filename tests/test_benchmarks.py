@@ -20,7 +20,7 @@ import safeopt
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-SUITES = ("overhead", "idle", "rows")
+SUITES = ("overhead", "idle", "rows", "moe")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,9 @@ def test_committed_tables_are_generated_from_the_committed_json(bench, tmp_path:
         saved = json.loads((RESULTS / f"{suite}.json").read_text())
         assert saved["meta"]["quick"] is False, f"the committed {suite} results are a quick run"
         workloads = {r["workload"] for r in saved["rows"]}
-        known = catalogue.ROW_WORKLOADS if suite == "rows" else catalogue.WORKLOADS
+        known = {"rows": catalogue.ROW_WORKLOADS, "moe": catalogue.MOE_WORKLOADS}.get(
+            suite, catalogue.WORKLOADS
+        )
         assert workloads == set(saved["meta"]["workloads"]) <= set(known), (
             f"the {suite} results miss a workload"
         )

@@ -69,9 +69,9 @@ def test_every_optimizer_is_watched_and_nothing_changes() -> None:
     # a parameter no module holds: its position; its grad is None every step: idle, never moved
     assert second["params"][0]["name"] == "param_groups[0][0]"
     assert (second["params"][0]["idle_steps"], second["params"][0]["moved_steps"]) == (4, 0)
-    text = watch.text(lambda wrap_all: f"fix --wrap-all={wrap_all}")
+    text = watch.text(lambda wrap_all, rows: f"fix --wrap-all={wrap_all} --rows={rows}")
     assert "verdict: affected: torch.optim.adam.Adam moved 4 parameter(s)" in text
-    assert text.endswith("fix: fix --wrap-all=False")
+    assert text.endswith("fix: fix --wrap-all=False --rows=None")
 
 
 def test_an_optimizer_run_does_not_replace_asks_for_wrap_all_and_a_safeopt_one_is_not_affected() -> None:
@@ -82,7 +82,7 @@ def test_an_optimizer_run_does_not_replace_asks_for_wrap_all_and_a_safeopt_one_i
         alternate(gen, disc, [torch.optim.NAdam(gen.parameters(), lr=0.1)], steps=3)
     finally:
         watch.stop()
-    assert watch.text(lambda wrap_all: f"--wrap-all={wrap_all}").endswith("fix: --wrap-all=True")
+    assert watch.text(lambda wrap_all, rows: f"--wrap-all={wrap_all}").endswith("fix: --wrap-all=True")
     watch = GlobalWatch()
     watch.start()
     try:
@@ -164,3 +164,73 @@ def test_an_optimizer_the_script_drops_is_freed_and_still_reported() -> None:
         ("weight", 1, 1),
         ("bias", 1, 0),
     ]
+
+
+class Experts(nn.Module):
+    """Fused experts as transformers 5 keeps them: one ``[E, ...]`` parameter a layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.ParameterDict({"gate_up_proj": nn.Parameter(torch.ones(4, 3, 2))}) for _ in range(2)
+        )
+
+
+def test_idle_experts_of_an_active_parameter_give_the_verdict_and_a_rows_fix() -> None:
+    """A fused expert parameter always has a gradient; its idle expert slices are what moves."""
+    model = Experts()
+    params = [layer["gate_up_proj"] for layer in model.layers]
+    opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.1)
+    watch = GlobalWatch()
+    watch.start()
+    try:
+        for step in range(3):
+            for p in params:
+                grad = torch.zeros_like(p)
+                grad[step % 2] = 1.0  # experts 0 and 1 take turns; 2 and 3 never get a token
+                p.grad = grad
+            opt.step()
+    finally:
+        watch.stop()
+    (data,) = watch.as_dict()["optimizers"]
+    assert [p["name"] for p in data["params"]] == ["layers.0.gate_up_proj", "layers.1.gate_up_proj"]
+    for p in data["params"]:
+        assert (p["idle_steps"], p["moved_steps"]) == (0, 0)
+        assert p["rows"]["idle_slice_steps"] == 3 * 3  # three idle experts in each of the 3 steps
+        assert p["rows"]["moved_slice_steps"] == 3 * 3  # AdamW's weight decay moves every one
+    text = watch.text(lambda wrap_all, rows: f"run --rows {rows}")
+    assert "moved 8 slice(s) along dim 0 (experts, embedding rows) of 2 parameter(s)" in text
+    assert text.endswith(r"fix: run --rows layers\.\d+\.gate_up_proj")
+
+
+def test_an_optimizer_alive_at_exit_ends_the_process_cleanly(tmp_path) -> None:
+    """The report is made before exit; an optimizer collected at the interpreter's exit makes no
+    summary inside the garbage collector (torch's tensors may be torn down then: it aborted)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "keep.py"
+    script.write_text(
+        "import torch\n"
+        "from safeopt._observe import GlobalWatch\n"
+        "watch = GlobalWatch(); watch.start()\n"
+        "p = torch.nn.Parameter(torch.ones(4, 3))\n"
+        "opt = torch.optim.AdamW([p], lr=0.1)\n"
+        "for i in range(2):\n"
+        "    g = torch.zeros(4, 3); g[i] = 1.0; p.grad = g; opt.step()\n"
+        "watch.stop(); print(len(watch.summaries()))\n"
+        "class Holder: pass\n"
+        "h = Holder(); h.self = h; h.opt = opt; h.error = ValueError(); h.error.h = h\n"
+        "del opt, p\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(root)},
+        timeout=120,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "1\n", "")

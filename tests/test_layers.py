@@ -32,6 +32,7 @@ FLOORS: dict[str, int] = {
     # 3: the public optimizers and wrap()
     "_optimizers": 3,
     "_wrap": 3,
+    "_groups": 3,
     # 4: diagnostics and measurement
     "_watch": 4,
     "_audit": 4,

@@ -40,8 +40,9 @@ def run(rank: int, watchers: set[int]) -> dict[str, Any]:
     return {
         "watched": True,
         "steps": report.steps,
-        "idle": {p.name: p.idle_steps for p in report.params},
-        "moved": {p.name: p.moved_steps for p in report.params},
+        # whole parameters without a gradient (a parameter with idle rows only has idle_steps 0)
+        "idle": {p.name: p.idle_steps for p in report.params if p.idle_steps},
+        "moved": {p.name: p.moved_steps for p in report.params if p.idle_steps},
         "shapes": {p.name: p.shape for p in report.params},
     }
 
