@@ -1,0 +1,97 @@
+"""What the host decision and the step path cost, pinned where it can be counted (issue 22, item 3).
+
+- An all-zero grad (the idle grad) is proved zero in one pass over its bytes (``aten.amax`` of a
+  ``uint8`` view), not the two reductions of ``aminmax``: the half-idle step's floor by bytes.
+- Every verdict of the full check stays torch's comparison with zero: -0.0 is zero; NaN, inf
+  and subnormals are not; views whose bytes cannot be read as bytes go to ``aminmax``.
+- The step path's shortcuts (the eager call of ``untraced`` functions, the step's cached
+  structure) change no result: checked against torch where the groups change between steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import harness
+import safeopt
+from safeopt import _rule
+from safeopt._bench import count_launches
+
+
+def _ops(grad: torch.Tensor) -> dict[str, int]:
+    return count_launches(lambda: _rule.nonzero_flags([grad])).ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_zero_grad_is_one_pass_over_its_bytes(dtype: torch.dtype) -> None:
+    ops = _ops(torch.zeros(64, 3, dtype=dtype))
+    assert ops == {"aten.amax.default": 1}, ops
+
+
+def _subnormal(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).tiny / 4
+
+
+def _cases() -> list[tuple[str, torch.Tensor]]:
+    z = torch.zeros(6, 4)
+    neg_zero = torch.full((6, 4), -0.0)
+    sub = z.clone()
+    sub[3, 2] = _subnormal(torch.float32)
+    nan = z.clone()
+    nan[5, 3] = float("nan")
+    neg = z.clone()
+    neg[2, 1] = -1e-3
+    mixed = neg_zero.clone()
+    mixed[0, 1] = 0.0
+    cz = torch.zeros(5, dtype=torch.complex64)
+    cnz = cz.clone()
+    cnz[4] = 1j
+    half_sub = torch.zeros(7, dtype=torch.float16)
+    half_sub[6] = _subnormal(torch.float16)
+    return [
+        ("zeros", z),
+        ("-0.0", neg_zero),
+        ("+0.0 and -0.0", mixed),
+        ("a subnormal", sub),
+        ("a NaN", nan),
+        ("a negative", neg),
+        ("transposed zeros", z.t()),
+        ("transposed negative", neg.t()),
+        ("strided zeros", torch.zeros(12)[::2]),
+        ("0-dim zero", torch.zeros(())),
+        ("0-dim -0.0", torch.tensor(-0.0)),
+        ("empty", torch.zeros(0, 3)),
+        ("conj zeros", cz.conj()),
+        ("conj nonzero", cnz.conj()),
+        ("neg view of zeros", torch._neg_view(z)),
+        ("neg view of a negative", torch._neg_view(neg)),
+        ("float16 subnormal", half_sub),
+        ("bfloat16 -0.0", torch.full((3,), -0.0, dtype=torch.bfloat16)),
+    ]
+
+
+@pytest.mark.parametrize(("name", "grad"), _cases(), ids=[name for name, _ in _cases()])
+def test_verdict_is_torchs_comparison(name: str, grad: torch.Tensor) -> None:
+    expected = bool((grad.resolve_conj().resolve_neg() != 0).any())
+    assert _rule.nonzero_flags([grad]) == [expected], name
+    assert _rule._has_nonzero(grad) is expected, name
+
+
+def test_zero_grads_idle_nonzero_active_in_a_step() -> None:
+    """The byte pass decides a real step: the zero and -0.0 grads stay idle, the others step as torch."""
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randn(4, 3, generator=gen) for _ in range(4)]
+    grads = [torch.zeros(4, 3), torch.full((4, 3), -0.0), torch.randn(4, 3, generator=gen), torch.zeros(4, 3)]
+    grads[3][3, 2] = 1e-3  # first element zero: the full check finds the value
+    params = [torch.nn.Parameter(v.clone()) for v in values]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt = safeopt.Adam(params, lr=0.1, fused=True)
+    opt.step()
+    ref = [torch.nn.Parameter(values[i].clone()) for i in (2, 3)]
+    for p, i in zip(ref, (2, 3)):
+        p.grad = grads[i].clone()
+    torch.optim.Adam(ref, lr=0.1, fused=True).step()
+    assert harness.bit_equal(params[0], values[0]) and harness.bit_equal(params[1], values[1])
+    assert harness.bit_equal(params[2], ref[0]) and harness.bit_equal(params[3], ref[1])
