@@ -9,6 +9,7 @@ Where one can, a seam falls back to documented behaviour.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from collections.abc import Callable
@@ -96,7 +97,24 @@ def untraced(fn: _F) -> _F:
     imported at the first call, not at safeopt's import (torch.optim's constructor imports
     torch._dynamo anyway); where a torch lacks it, ``fn`` as it is."""
     disable = getattr(torch, "_disable_dynamo", None)
-    return fn if disable is None else cast(_F, disable(fn))
+    if disable is None:
+        return fn
+    disabled = disable(fn)
+    callback = getattr(torch._C._dynamo.eval_frame, "get_eval_frame_callback", None)
+    compiling = getattr(torch.compiler, "is_compiling", None)
+    if callback is None or compiling is None:
+        return cast(_F, disabled)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        # Eager, no frame callback set (no compiled region running): the disabled call would only
+        # set and reset that callback around fn, about half a microsecond a call, several calls a
+        # step. Dynamo tracing this reads is_compiling() as True and takes the disabled call.
+        if not compiling() and callback() is None:
+            return fn(*args, **kwargs)
+        return disabled(*args, **kwargs)
+
+    return cast(_F, call)
 
 
 def unhooked(step: Callable[..., Any]) -> Callable[..., Any]:

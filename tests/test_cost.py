@@ -95,3 +95,57 @@ def test_zero_grads_idle_nonzero_active_in_a_step() -> None:
     torch.optim.Adam(ref, lr=0.1, fused=True).step()
     assert harness.bit_equal(params[0], values[0]) and harness.bit_equal(params[1], values[1])
     assert harness.bit_equal(params[2], ref[0]) and harness.bit_equal(params[3], ref[1])
+
+
+# -- the step path: untraced calls ----------------------------------------------------------------
+
+
+def test_an_untraced_call_in_eager_sets_no_frame_callback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In eager code (no compiled region running), an ``untraced`` function is called as it is: the
+    dynamo-disabled call would set and reset the frame callback around it, several times a step.
+    safeopt's step sets it as often as torch's own step does."""
+    from torch._dynamo import eval_frame
+
+    calls = []
+    real = eval_frame.set_eval_frame
+
+    def counted(callback: object) -> object:
+        calls.append(callback)
+        return real(callback)
+
+    monkeypatch.setattr(eval_frame, "set_eval_frame", counted)
+    counts = []
+    for cls in (torch.optim.Adam, safeopt.Adam):
+        p = torch.nn.Parameter(torch.ones(3))
+        p.grad = torch.ones(3)
+        opt = cls([p], lr=0.1)
+        calls.clear()
+        opt.step()
+        counts.append(len(calls))
+    assert counts[1] == counts[0], (
+        f"torch's step sets the frame callback {counts[0]} times, safeopt's {counts[1]}"
+    )
+
+
+def test_an_untraced_function_runs_untraced_under_compile() -> None:
+    """Under ``torch.compile`` an ``untraced`` function still runs eagerly, with no frame callback set
+    (nothing it calls is traced), and the compiled function around it gives the same result."""
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback
+
+    from safeopt._torch_compat import untraced
+
+    seen: list[tuple[bool, object]] = []
+
+    @untraced
+    def inner(x: torch.Tensor) -> torch.Tensor:
+        seen.append((torch.compiler.is_compiling(), get_eval_frame_callback()))
+        return x + 1
+
+    def outer(x: torch.Tensor) -> torch.Tensor:
+        return inner(x * 2) * 3
+
+    torch._dynamo.reset()
+    compiled = torch.compile(outer, backend="eager")
+    x = torch.arange(3.0)
+    assert torch.equal(compiled(x), outer(x))
+    assert seen and all(not compiling and callback is None for compiling, callback in seen), seen
