@@ -115,39 +115,10 @@ def _extremes(values: Tensor) -> tuple[Tensor, Tensor] | None:
     return torch.aminmax(values)
 
 
-def _all_bytes_zero(values: Tensor) -> bool:
-    """Whether every byte of ``values`` is zero (every element +0.0, or 0): the usual idle grad,
-    proved in one ``amax`` over its bytes, which runs at memory speed (about half the time of
-    ``aminmax``, which computes two reductions). False also where the bytes cannot be viewed (a
-    conjugate or negative view, a last dimension with a stride, a subclass): then the full check
-    decides."""
-    if (
-        type(values) is not Tensor
-        or not values.dim()
-        or values.stride(-1) != 1
-        or not values.is_contiguous()
-        or not values.numel()
-        or values.is_conj()
-        or values.is_neg()
-        or values._is_zerotensor()
-    ):
-        return False
-    # The byte view reads the storage without torch's check that it holds the data (a storage
-    # resized below the tensor): only a storage that holds every element is read this way.
-    end = (values.storage_offset() + values.numel()) * values.element_size()
-    if values.data_ptr() == 0 or end > values.untyped_storage().nbytes():
-        return False
-    return not values.view(torch.uint8).amax()
-
-
 def _has_nonzero(grad: Tensor) -> bool:
     # aminmax reads the grad once and allocates nothing; any() on floats materialises a
-    # bool copy first and runs several times slower on the CPU. An all-zero grad, the one idle
-    # grads have, is proved by its bytes first (_all_bytes_zero); a grad with some nonzero
-    # byte (-0.0, a subnormal or a value) is then compared as torch compares.
+    # bool copy first and runs several times slower on the CPU.
     values = _values(grad)
-    if _all_bytes_zero(values):
-        return False
     extremes = _extremes(values)
     if extremes is None:
         return bool(values.any())
