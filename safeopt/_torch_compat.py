@@ -95,13 +95,18 @@ def untraced(fn: _F) -> _F:
     tensor, ctypes reads) and without the view of the param groups that dynamo gives torch's own
     optimizers (``capturable=True``). ``torch._disable_dynamo`` is ``torch.compiler.disable``
     imported at the first call, not at safeopt's import (torch.optim's constructor imports
-    torch._dynamo anyway); where a torch lacks it, ``fn`` as it is."""
+    torch._dynamo anyway); where a torch lacks it, ``fn`` as it is. Called from eager code with no
+    frame callback set (``get_eval_frame_callback``), ``fn`` runs directly: the disabled call would
+    only set and reset that callback (``tests/test_cost.py``)."""
     disable = getattr(torch, "_disable_dynamo", None)
     if disable is None:
         return fn
     disabled = disable(fn)
-    callback = getattr(torch._C._dynamo.eval_frame, "get_eval_frame_callback", None)
-    compiling = getattr(torch.compiler, "is_compiling", None)
+    # Where a torch lacks either (get_eval_frame_callback is not in every release), the disabled
+    # call every time, as before.
+    frames = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+    callback = getattr(frames, "get_eval_frame_callback", None)
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     if callback is None or compiling is None:
         return cast(_F, disabled)
 

@@ -136,3 +136,17 @@ def test_an_untraced_function_runs_untraced_under_compile() -> None:
     x = torch.arange(3.0)
     assert torch.equal(compiled(x), outer(x))
     assert seen and all(not compiling and callback is None for compiling, callback in seen), seen
+
+
+def test_the_eager_shortcut_is_taken_on_this_torch() -> None:
+    """Canary: ``untraced`` skips the disabled call in eager code through dynamo's
+    ``get_eval_frame_callback``; a torch without it gets the disabled call every time (slower, as
+    before), which this names."""
+    frames = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+    assert callable(getattr(frames, "get_eval_frame_callback", None)), (
+        f"torch {torch.__version__} has no torch._C._dynamo.eval_frame.get_eval_frame_callback: "
+        "untraced functions take the disabled call in eager code too"
+    )
+    assert (
+        getattr(_rule.plan_step, "_torchdynamo_disable", False) is False
+    )  # the shortcut, not torch's wrapper
