@@ -7,12 +7,13 @@ Usage:
 
 Parameters of 16 elements each (so torch's own step is as cheap as it gets and what is left is
 Python), every one active, on the CPU. For each count of tensors, torch's step and safeopt's twin
-step copies of the same parameters with the same grads, timed by ``torch.utils.benchmark``
-(``blocked_autorange``), interleaved in one process, the order alternating round by round. The
-added cost is the median over rounds of safeopt's time minus torch's; a least-squares line
-through (tensors, added cost) gives the fixed cost (intercept, µs a step) and the cost a tensor
-(slope, µs). The target of the GPU issue: at most ~30 µs + ~0.3 µs a tensor. Writes
-``<out>/fixed_cost.json`` and ``fixed_cost.md``.
+step copies of the same parameters with the same grads, in one process: many short rounds (a
+block of a few steps of each, the order alternating round by round), each timed by the thread's
+CPU clock (``time.thread_time_ns``: a thread waiting for a core shared with other jobs is not
+counted; ``--clock wall`` for ``perf_counter_ns``). The added cost is the median over rounds of
+safeopt's time minus torch's; a least-squares line through (tensors, added cost) gives the fixed
+cost (intercept, µs a step) and the cost a tensor (slope, µs). The target of the GPU issue: at
+most ~30 µs + ~0.3 µs a tensor. Writes ``<out>/fixed_cost.json`` and ``fixed_cost.md``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import safeopt
@@ -35,12 +36,18 @@ COUNTS = (1, 16, 64, 256)
 IMPLS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "forloop": {"foreach": False}}
 
 
-def _time(step: object, min_run_time: float) -> float:
-    """Median seconds of one call of ``step``."""
-    return Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=min_run_time).median
+CLOCKS = {"thread": time.thread_time_ns, "wall": time.perf_counter_ns}
 
 
-def measure(n: int, impl: str, rounds: int, min_run_time: float) -> dict[str, float]:
+def _block(step: Callable[[], object], steps: int, clock: Callable[[], int]) -> float:
+    """Microseconds a call of ``step``, over ``steps`` calls."""
+    start = clock()
+    for _ in range(steps):
+        step()
+    return (clock() - start) / steps / 1000
+
+
+def measure(n: int, impl: str, rounds: int, clock: Callable[[], int]) -> dict[str, float]:
     gen = torch.Generator().manual_seed(n)
     values = [torch.randn(16, generator=gen) for _ in range(n)]
     grads = [torch.randn(16, generator=gen) for _ in range(n)]
@@ -52,16 +59,19 @@ def measure(n: int, impl: str, rounds: int, min_run_time: float) -> dict[str, fl
         opt = cls(params, lr=1e-6, **IMPLS[impl])
         opt.step()  # state allocated before timing
         sides[name] = opt.step
+    steps = max(2, 64 // n)  # blocks of about the same length at every count
+    for warm_up in sides.values():
+        _block(warm_up, steps, clock)
     torch_times, added = [], []
     for r in range(rounds):
         order = ("torch", "safeopt") if r % 2 == 0 else ("safeopt", "torch")
-        t = {name: _time(sides[name], min_run_time) for name in order}
+        t = {name: _block(sides[name], steps, clock) for name in order}
         torch_times.append(t["torch"])
         added.append(t["safeopt"] - t["torch"])
     return {
         "tensors": n,
-        "torch_us": statistics.median(torch_times) * 1e6,
-        "added_us": statistics.median(added) * 1e6,
+        "torch_us": statistics.median(torch_times),
+        "added_us": statistics.median(added),
     }
 
 
@@ -79,15 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--min-run-time", type=float, default=0.2)
+    parser.add_argument("--rounds", type=int, default=400)
+    parser.add_argument("--clock", choices=list(CLOCKS), default="thread")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     impls = ["fused"] if args.quick else list(IMPLS)
-    rounds = 3 if args.quick else args.rounds
-    min_run_time = 0.05 if args.quick else args.min_run_time
+    rounds = 100 if args.quick else args.rounds
+    clock = CLOCKS[args.clock]
     start = time.perf_counter()
     results = {}
     lines = [
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     summary = ["| implementation | fixed (µs a step) | per tensor (µs) |", "|---|---|---|"]
     for impl in impls:
-        points = [measure(n, impl, rounds, min_run_time) for n in COUNTS]
+        points = [measure(n, impl, rounds, clock) for n in COUNTS]
         intercept, slope = fit(points)
         results[impl] = {"points": points, "fixed_us": intercept, "per_tensor_us": slope}
         lines += [f"| {impl} | {p['tensors']} | {p['torch_us']:.1f} | {p['added_us']:.1f} |" for p in points]
@@ -108,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
         "threads": args.threads,
         "rounds": rounds,
+        "clock": args.clock,
         "quick": args.quick,
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -85,20 +85,25 @@ def plan(
     for group in groups:
         entry = _Group()
         out.append(entry)
+        params = group["params"]
+        if group[_rule.FROZEN]:
+            entry.frozen += [p for p in params if p.grad is not None]
+            continue
         frozen_ids = _rule.frozen_params(group)
-        for p in group["params"]:
+        lazy = bool(group[_rule.LAZY])
+        frozen, flagged, always = entry.frozen.append, entry.flagged.append, entry.always.append
+        for p in params:
             grad = p.grad
             if grad is None:
                 continue
             # Frozen, or a ZeroTensor (zero by construction, known without a read; torch's fused
             # kernels refuse one even when told to skip): idle, decided on the host.
-            if group[_rule.FROZEN] or id(p) in frozen_ids or (group[_rule.LAZY] and grad._is_zerotensor()):
-                entry.frozen.append(p)
-                continue
-            if group[_rule.LAZY] and grad.device.type != "meta":  # _device.decidable, inlined
-                entry.flagged.append(p)
+            if (frozen_ids and id(p) in frozen_ids) or (lazy and grad._is_zerotensor()):
+                frozen(p)
+            elif lazy and not grad.is_meta:  # _device.decidable, inlined
+                flagged(p)
             else:
-                entry.always.append(p)
+                always(p)
     if under_capture:
         _check_started(optimizer, groups, out)
     return out

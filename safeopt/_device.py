@@ -96,6 +96,8 @@ def found_inf(grads: Sequence[Tensor], otherwise: Tensor | None) -> tuple[list[T
             if device not in on_device:
                 on_device[device] = otherwise.to(device, torch.float32)
             flags = torch.where(zero, 1.0, on_device[device])
+        if len(members) == len(grads):  # one device and dtype, the usual case: the lists as they come
+            return list(flags.unbind()), list((1 - flags).unbind())
         for i, flag, advance in zip(members, flags.unbind(), (1 - flags).unbind()):
             skips[i] = flag
             advances[i] = advance

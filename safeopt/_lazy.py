@@ -79,7 +79,7 @@ def lazy_step(
     unstarted = _stateless(optimizer.state, [p for plan in plans for p in plan.idle_with_grad])
     dropped: _fresh.Dropped = []
     skippable: Any = None  # first buffers a GradScaler-skipped step must not start (_amp)
-    by_rows = _rows.RowSteps()
+    by_rows = _rows.RowSteps() if rows else None
     guarded: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     held: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     after: Callable[[], None] | None = None
@@ -93,18 +93,20 @@ def lazy_step(
             optimizer, groups, plans
         )  # fresh state for idle params; none for first updates
         buckets: list[list[torch.Tensor]] = [[] for _ in groups]
-        if rows:
+        gathered = False  # some group steps gathered rows (buckets)
+        if by_rows is not None:
             plans, buckets = by_rows.prepare(optimizer, groups, plans)  # lazy="rows": views or gathered rows
+            gathered = any(buckets)
         skippable = _amp.fresh_buffers(optimizer, groups, plans)
-        if hide == "grads" and any(buckets):
+        if hide == "grads" and gathered:
             raise ValueError(
                 'hide="grads" cannot step gathered rows (lazy="rows"): they are not in the group'
             )
         target = optimizer
         if hide == "params":
             twin = target = _torch_compat.twin(optimizer, groups)
-            if any(buckets):
-                vars(twin)["state"] = by_rows.view(optimizer.state)
+            if gathered:
+                vars(twin)["state"] = by_rows.view(optimizer.state)  # type: ignore[union-attr]  # gathered: by_rows is set
 
         guarded = [
             (p, p.grad)
@@ -130,7 +132,7 @@ def lazy_step(
             p.grad = grad.clone()  # type: ignore[union-attr]  # every active parameter has a grad
         # Nothing active: the wrapped step is not called. torch's step given only None grads does
         # nothing; some others raise on it (Ranger21, DAdaptSGD) or count it in a group counter.
-        nothing = not any(plan.active for plan in plans) and not any(buckets)
+        nothing = not gathered and not any(plan.active for plan in plans)
         for r in range(0 if nothing else max([1, *map(len, rounds)])):  # max(default=): dynamo warns
             if hide == "grads":
                 stepping = {id(p) for batch in rounds if r < len(batch) for p in batch[r]}
@@ -165,15 +167,20 @@ def lazy_step(
         stepped = True
         _amp.forget_if_skipped(optimizer, skippable)
     finally:
-        _all(
-            None if twin is None else lambda: _torch_compat.settle(optimizer, twin, groups, own=("state",)),
-            lambda: give_back(held),
-            lambda: give_back(guarded),
-            (lambda: by_rows.finish(stepped)) if by_rows.pending else None,
-            after,
-            None if stepped else lambda: _take_back(optimizer.state, unstarted),
-            None if stepped else lambda: _fresh.undo(optimizer, dropped),
-        )
+        if stepped and twin is not None and not held and not guarded and by_rows is None and after is None:
+            _torch_compat.settle(optimizer, twin, groups, own=("state",))  # the usual step: all to put back
+        else:
+            _all(
+                None
+                if twin is None
+                else lambda: _torch_compat.settle(optimizer, twin, groups, own=("state",)),
+                lambda: give_back(held),
+                lambda: give_back(guarded),
+                (lambda: by_rows.finish(stepped)) if by_rows is not None and by_rows.pending else None,
+                after,
+                None if stepped else lambda: _take_back(optimizer.state, unstarted),
+                None if stepped else lambda: _fresh.undo(optimizer, dropped),
+            )
     return result if pass_closure else loss
 
 

@@ -249,11 +249,11 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
     This runs on every step, once per parameter: it is kept to one pass and a probe.
     """
     result: list[GroupPlan] = []
-    unsure: list[tuple[int, int, Tensor, Tensor]] = []  # (group, position, param, grad)
+    unsure: list[tuple[int, Tensor, Tensor]] = []  # (group, param, grad)
     by_rows: list[tuple[int, Tensor, Tensor]] = []  # (group, param, grad)
     probes, strided, sparse = ({} if FORCE_DEVICE else _PROBE), torch.strided, torch.sparse_coo
     probe_of = probes.get
-    for group in param_groups:
+    for gi, group in enumerate(param_groups):
         plan = GroupPlan([], [], [])
         result.append(plan)
         params = group["params"]
@@ -264,7 +264,8 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
         lazy = group[LAZY]
         rows = lazy == ROWS
         active, idle, _ = plan
-        for position, p in enumerate(params):
+        add = active.append
+        for p in params:
             grad = p.grad
             if grad is None:
                 continue
@@ -277,7 +278,7 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
                 and (grad.layout is strided or grad.layout is sparse)
                 and type(grad) is Tensor
             ):
-                by_rows.append((len(result) - 1, p, grad))
+                by_rows.append((gi, p, grad))
                 continue
             if lazy:  # _surely_nonzero and _readable, inlined: this runs for every parameter every step
                 probe = probe_of(grad.dtype)
@@ -287,18 +288,18 @@ def plan_step(param_groups: Sequence[dict[str, Any]]) -> list[GroupPlan]:
                     and grad.is_cpu
                     and grad.layout is strided
                     and grad.numel()
-                    and (ptr := grad.data_ptr()) != (offset := grad.storage_offset()) * probe[2]
-                    and (offset + 1) * probe[2] <= grad.untyped_storage().nbytes()
+                    and (ptr := grad.data_ptr()) != (offset := grad.storage_offset()) * (size := probe[2])
+                    and (offset + 1) * size <= grad.untyped_storage().nbytes()
                     and probe[0](ptr).value & probe[1]
                 ):
-                    unsure.append((len(result) - 1, position, p, grad))
+                    unsure.append((gi, p, grad))
                     continue
-            active.append(p)
+            add(p)
     late: set[int] = set()
     if unsure:
         with torch.no_grad():
-            flags = _full_flags([u[3] for u in unsure])
-        for (gi, _, p, _), flag in zip(unsure, flags):
+            flags = _full_flags([u[2] for u in unsure])
+        for (gi, p, _), flag in zip(unsure, flags):
             if flag:
                 result[gi].active.append(p)
                 late.add(gi)

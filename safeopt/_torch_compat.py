@@ -9,6 +9,7 @@ Where one can, a seam falls back to documented behaviour.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from collections.abc import Callable
@@ -94,9 +95,31 @@ def untraced(fn: _F) -> _F:
     tensor, ctypes reads) and without the view of the param groups that dynamo gives torch's own
     optimizers (``capturable=True``). ``torch._disable_dynamo`` is ``torch.compiler.disable``
     imported at the first call, not at safeopt's import (torch.optim's constructor imports
-    torch._dynamo anyway); where a torch lacks it, ``fn`` as it is."""
+    torch._dynamo anyway); where a torch lacks it, ``fn`` as it is. Called from eager code with no
+    frame callback set (``get_eval_frame_callback``), ``fn`` runs directly: the disabled call would
+    only set and reset that callback (``tests/test_cost.py``)."""
     disable = getattr(torch, "_disable_dynamo", None)
-    return fn if disable is None else cast(_F, disable(fn))
+    if disable is None:
+        return fn
+    disabled = disable(fn)
+    # Where a torch lacks either (get_eval_frame_callback is not in every release), the disabled
+    # call every time, as before.
+    frames = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+    callback = getattr(frames, "get_eval_frame_callback", None)
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if callback is None or compiling is None:
+        return cast(_F, disabled)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        # Eager, no frame callback set (no compiled region running): the disabled call would only
+        # set and reset that callback around fn, about half a microsecond a call, several calls a
+        # step. Dynamo tracing this reads is_compiling() as True and takes the disabled call.
+        if not compiling() and callback() is None:
+            return fn(*args, **kwargs)
+        return disabled(*args, **kwargs)
+
+    return cast(_F, call)
 
 
 def unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
