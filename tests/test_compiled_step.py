@@ -260,3 +260,41 @@ def test_inductor_alternating_active_sets_match_torchs_inductor_step() -> None:
     with torch._dynamo.config.patch(recompile_limit=64):
         graphs = run_against_torch(safeopt.AdamW, kwargs, "inductor", steps=4, patterns=2)
     assert graphs == 1
+
+
+# --- the torch seams the compiled path leans on (safeopt/_torch_compat.py) ------------------------
+
+
+def test_torch_step_is_wrapped_in_its_grad_mode_wrapper_and_the_seam_unwraps_it() -> None:
+    """torch's Adam.step sets grad mode and breaks the graph around the step
+    (``_use_grad_for_differentiable``); the compiled path calls what is inside."""
+    from safeopt._torch_compat import unhooked, without_grad_mode
+
+    step = unhooked(torch.optim.Adam.step)
+    inner = without_grad_mode(step)
+    assert inner is not step, f"torch {torch.__version__}: Adam.step lost its _use_grad wrapper"
+    assert inner.__code__.co_name == "step"
+    assert without_grad_mode(inner) is inner
+
+
+def test_torch_step_fn_and_init_group_know_torchs_adam_only() -> None:
+    """``init_group`` gives, per parameter with a grad, the tensors torch's step updates, with its
+    state made as torch makes it, also after dynamo replaced the classes' ``_init_group``."""
+    from safeopt._torch_compat import init_group, torch_step_fn, unhooked
+
+    torch.compile(lambda x: x + 1, backend="eager")(torch.ones(1))  # dynamo patches torch.optim
+    params = params_for()
+    params[1].grad = torch.ones(SHAPES[1])
+    params[3].grad = torch.ones(SHAPES[3])
+    for cls, amsgrad in ((torch.optim.Adam, False), (torch.optim.AdamW, True), (safeopt.AdamW, False)):
+        opt = cls(params, amsgrad=amsgrad)
+        assert torch_step_fn(opt, unhooked(torch.optim.Adam.step)) is not None
+        gathered = init_group(opt, opt.param_groups[0])
+        assert gathered is not None, f"torch {torch.__version__}: {cls.__name__}._init_group not recognised"
+        assert [t[0] for t in gathered] == [params[1], params[3]]
+        keys = ["exp_avg", "exp_avg_sq", *(["max_exp_avg_sq"] if amsgrad else []), "step"]
+        for tensors, p in zip(gathered, (params[1], params[3])):
+            assert [id(t) for t in tensors[1:]] == [id(opt.state[p][k]) for k in keys]
+    sgd = torch.optim.SGD(params, momentum=0.9)
+    assert torch_step_fn(sgd, unhooked(torch.optim.SGD.step)) is None
+    assert init_group(sgd, sgd.param_groups[0]) is None
