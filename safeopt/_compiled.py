@@ -17,9 +17,9 @@ So while dynamo traces, the decision stays on the device:
   frozen parameter and its state get their old bits back. An active parameter ends with exactly
   torch's update (torch's step updates each tensor on its own), an idle one with its bits.
 
-It is traced as a frame of its own entered with grad mode off, as torch's own step is traced
-(torch's ``_use_grad_for_differentiable`` breaks the graph on either side for that), so AOT sees an
-inference graph and inductor can fuse the select into the update.
+It is traced as torch traces its own step: grad mode off and a graph break on either side (what
+torch's ``_use_grad_for_differentiable`` does around its step, which the path calls unwrapped), so
+AOT sees an inference graph and inductor can fuse the select into the update.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch import Tensor
 
 from safeopt import _rule
 from safeopt._row_rule import ROWS
-from safeopt._torch_compat import init_group, torch_step_fn, untraced_frame, without_grad_mode
+from safeopt._torch_compat import init_group, torch_step_fn, without_grad_mode
 
 __all__ = ["applies", "step"]
 
@@ -56,12 +56,19 @@ def applies(
     return True
 
 
-@untraced_frame  # run eagerly; the frame it calls is traced with grad mode off: an inference graph
 def step(optimizer: torch.optim.Optimizer, torch_step: Callable[..., Any]) -> None:
     """torch's step on every parameter with a grad, then the old bits back where the device says
     the parameter was idle (see the module's docstring)."""
-    with torch.no_grad():
+    # As torch's own step (_use_grad_for_differentiable): grad mode off and a graph break on either
+    # side, so that AOT sees an inference graph whose parameter updates inductor makes in place.
+    prev = torch.is_grad_enabled()
+    try:
+        torch.set_grad_enabled(False)
+        torch._dynamo.graph_break()
         _select_step(optimizer, without_grad_mode(torch_step))
+    finally:
+        torch._dynamo.graph_break()
+        torch.set_grad_enabled(prev)
 
 
 def _select_step(optimizer: torch.optim.Optimizer, inner: Callable[..., Any]) -> None:

@@ -39,7 +39,6 @@ __all__ = [
     "twin",
     "unhooked",
     "untraced",
-    "untraced_frame",
     "without_grad_mode",
     "writes_into_grads",
 ]
@@ -459,14 +458,6 @@ def without_grad_mode(step: Callable[..., Any]) -> Callable[..., Any]:
     if inner is not None and getattr(getattr(step, "__code__", None), "co_name", "") == "_use_grad":
         return inner  # type: ignore[no-any-return]  # set by functools.update_wrapper
     return step
-
-
-def untraced_frame(fn: _F) -> _F:
-    """``fn`` as a frame that dynamo runs without tracing it, while tracing the calls it makes
-    (``torch.compiler.disable(recursive=False)``, imported at the first call as :func:`untraced`
-    does); where a torch lacks it, ``fn`` as it is."""
-    disable = getattr(torch, "_disable_dynamo", None)
-    return fn if disable is None else cast(_F, disable(fn, recursive=False))
 
 
 # By class, read at import: read while dynamo traces, a cache filled at the first step would be
