@@ -205,8 +205,8 @@ def test_lazy_false_group_steps_every_parameter_with_a_grad() -> None:
 
 def test_a_compiled_training_step_does_not_compile_again() -> None:
     """Forward, backward, opt.step() and zero_grad(set_to_none=False) compiled together, over
-    branches used in turn and at random: after the first two steps, nothing compiles again, and
-    the unused branches hold still."""
+    experts used at random: after the first step, nothing compiles again, and the unused experts
+    hold still."""
     torch.manual_seed(0)
     experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(4))
     opt = safeopt.AdamW(experts.parameters(), lr=0.05, foreach=True)
@@ -233,7 +233,7 @@ def test_a_compiled_training_step_does_not_compile_again() -> None:
             moved = [not torch.equal(p, q) for p, q in zip(e.parameters(), old)]
             assert all(moved) if on else not any(moved)
         graphs.append(counter.frame_count)
-    assert graphs[2:] == [graphs[1]] * 6, f"graphs after each step: {graphs}"
+    assert graphs == [graphs[0]] * 8, f"graphs after each step: {graphs}"
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=list(IMPLS))
