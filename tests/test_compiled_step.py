@@ -298,3 +298,77 @@ def test_torch_step_fn_and_init_group_know_torchs_adam_only() -> None:
     sgd = torch.optim.SGD(params, momentum=0.9)
     assert torch_step_fn(sgd, unhooked(torch.optim.SGD.step)) is None
     assert init_group(sgd, sgd.param_groups[0]) is None
+
+
+@pytest.mark.usefixtures("torch_recompiles")
+@pytest.mark.parametrize("impl", IMPLS, ids=list(IMPLS))
+def test_mixed_dtypes_match_torch(impl: str) -> None:
+    """float64, bfloat16 and complex64 parameters in one group (torch's foreach groups them by
+    dtype): each bit-identical to torch's compiled step, idle ones untouched."""
+    gen = torch.Generator().manual_seed(0)
+
+    def make() -> list[nn.Parameter]:
+        g = torch.Generator().manual_seed(0)
+        return [
+            nn.Parameter(torch.randn(5, generator=g, dtype=torch.float64)),
+            nn.Parameter(torch.randn(6, generator=g).to(torch.bfloat16)),
+            nn.Parameter(torch.randn(4, generator=g, dtype=torch.complex64)),
+            nn.Parameter(torch.randn(3, generator=g)),
+        ]
+
+    params, ref_params = make(), make()
+    opt = safeopt.AdamW(params, lr=0.05, weight_decay=0.1, **IMPLS[impl])
+    ref = torch.optim.AdamW(ref_params, lr=0.05, weight_decay=0.1, **IMPLS[impl])
+    step, counter = compiled(opt.step, "aot_eager")
+    ref_step, _ = compiled(ref.step, "aot_eager")
+    for i in range(4):
+        active = [(i + j) % 2 == 0 for j in range(len(params))]
+        grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+        grads = [g if on else torch.zeros_like(g) for g, on in zip(grads, active)]
+        for p, q, g, on in zip(params, ref_params, grads, active):
+            p.grad, q.grad = g.clone(), (g.clone() if on else None)
+        before = snapshot(opt, params)
+        step()
+        ref_step()
+        assert_unchanged(before, opt, params, [j for j, on in enumerate(active) if not on], f"step {i}")
+        assert_matches_reference(opt, params, ref, ref_params, range(len(params)), f"step {i}")
+    assert counter.frame_count == 1
+
+
+@pytest.mark.usefixtures("torch_recompiles")
+def test_eager_and_compiled_steps_mix_and_save_the_same_state_dict() -> None:
+    """An eager step gives an idle parameter torch's fresh state; compiled steps then use it as
+    torch's compiled step uses a new parameter's state; and the state_dict after compiled steps
+    equals the one after the same steps taken eagerly, fresh entries included."""
+    params, ref_params, eager_params = params_for(), params_for(), params_for()
+    opt = safeopt.Adam(params, lr=0.05, foreach=True)
+    eager = safeopt.Adam(eager_params, lr=0.05, foreach=True)
+    ref = torch.optim.Adam(ref_params, lr=0.05, foreach=True)
+    step, _ = compiled(opt.step, "aot_eager")
+    ref_step, _ = compiled(ref.step, "aot_eager")
+    gen = torch.Generator().manual_seed(1)
+    plan = [[True, False, True, False, False, True], [False, True, True, False, False, True]] * 2
+    for i, active in enumerate(plan):
+        grads = [
+            torch.randn(shape, generator=gen) if on else torch.zeros(shape)
+            for shape, on in zip(SHAPES, active)
+        ]
+        for p, q, e, g, on in zip(params, ref_params, eager_params, grads, active):
+            p.grad, q.grad, e.grad = g.clone(), (g.clone() if on else None), g.clone()
+        if i == 0:
+            opt.step()  # eagerly: parameters 1, 3 and 4 get fresh state
+            with torch.compiler.set_stance("force_eager"):
+                ref.step()
+            assert all(type(opt.state[params[j]]).__name__ == "Fresh" for j in (1, 3, 4))
+        else:
+            step()
+            ref_step()
+        eager.step()
+        if i == 0:
+            continue
+        assert_matches_reference(opt, params, ref, ref_params, range(len(params)), f"step {i}")
+    mine, theirs = opt.state_dict(), eager.state_dict()
+    assert mine["param_groups"] == theirs["param_groups"]
+    assert mine["state"].keys() == theirs["state"].keys()
+    for key in (3, 4):  # never active: torch's initial state either way
+        assert all(bit_equal(mine["state"][key][k], theirs["state"][key][k]) for k in theirs["state"][key])
