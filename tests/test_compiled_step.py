@@ -134,10 +134,16 @@ def torch_recompiles() -> Any:
         yield
 
 
+# Every setting on AdamW; Adam (the same step, weight decay added to the grad) with weight decay.
+CONFIGS = [(safeopt.AdamW, impl, setting) for impl in IMPLS for setting in SETTINGS] + [
+    (safeopt.Adam, impl, "amsgrad_weight_decay") for impl in IMPLS
+]
+
+
 @pytest.mark.usefixtures("torch_recompiles")
-@pytest.mark.parametrize("setting", SETTINGS, ids=list(SETTINGS))
-@pytest.mark.parametrize("impl", IMPLS, ids=list(IMPLS))
-@pytest.mark.parametrize("cls", [safeopt.Adam, safeopt.AdamW], ids=["Adam", "AdamW"])
+@pytest.mark.parametrize(
+    ("cls", "impl", "setting"), CONFIGS, ids=[f"{c.__name__}-{i}-{s}" for c, i, s in CONFIGS]
+)
 def test_random_active_sets_match_torchs_compiled_step_in_one_graph(
     cls: type, impl: str, setting: str
 ) -> None:
