@@ -444,11 +444,11 @@ def capture_health_check(optimizer: torch.optim.Optimizer) -> None:
 
 
 def torch_step_fn(optimizer: torch.optim.Optimizer, step: Callable[..., Any]) -> Callable[..., Any] | None:
-    """``step`` when it is torch's own ``Adam.step`` or ``AdamW.step`` (hooks off) and
-    ``optimizer`` one of those classes; else None."""
-    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+    """``step`` when it is torch's own ``Adam.step`` or ``AdamW.step`` (hooks off), ``optimizer``
+    one of those classes and its ``_init_group`` torch's (what :func:`init_group` calls); else None."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) or step not in _torch_steps():
         return None
-    return step if step in _torch_steps() else None
+    return step if _adam_init_outputs(optimizer) is not None else None
 
 
 def without_grad_mode(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -465,6 +465,15 @@ def without_grad_mode(step: Callable[..., Any]) -> Callable[..., Any]:
 _ADAM_INIT_OUTPUTS = {cls: _signature_outputs(cls) for cls in (torch.optim.Adam, torch.optim.AdamW)}
 
 
+def _adam_init_outputs(optimizer: torch.optim.Optimizer) -> tuple[str, ...] | None:
+    """The outputs of ``optimizer``'s ``_init_group`` when it is torch's Adam's or AdamW's."""
+    init = getattr(type(optimizer), "_init_group", None)
+    # Compared with the classes' attributes as they are now: dynamo replaces every torch.optim
+    # class's _init_group with a disabled wrapper of it when it first compiles.
+    outputs = next((out for cls, out in _ADAM_INIT_OUTPUTS.items() if init is cls._init_group), None)
+    return outputs if outputs is not None and set(ADAM_LISTS) <= set(outputs) else None
+
+
 def init_group(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> list[list[Tensor]] | None:
     """torch's ``_init_group`` on one of ``optimizer``'s own groups, for torch's own Adam and AdamW:
     state for each of its parameters with a grad, made as torch makes it, and for each such
@@ -475,11 +484,8 @@ def init_group(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> list[
     (its ``OptimizerVariable``) and hands the traced code the state it made, so that nothing
     compiles again when the state appears. The tensors come from its lists, not from
     ``optimizer.state``, which dynamo would read as it was before the call."""
-    init = getattr(type(optimizer), "_init_group", None)
-    # Compared with the classes' attributes as they are now: dynamo replaces every torch.optim
-    # class's _init_group with a disabled wrapper of it when it first compiles.
-    outputs = next((out for cls, out in _ADAM_INIT_OUTPUTS.items() if init is cls._init_group), None)
-    if outputs is None or not set(ADAM_LISTS) <= set(outputs):
+    outputs = _adam_init_outputs(optimizer)
+    if outputs is None:
         return None
     args = _init_group_args(group, outputs)
     optimizer._init_group(group, *args)  # type: ignore[attr-defined]  # private, per class

@@ -378,3 +378,25 @@ def test_eager_and_compiled_steps_mix_and_save_the_same_state_dict() -> None:
     assert mine["state"].keys() == theirs["state"].keys()
     for key in (3, 4):  # never active: torch's initial state either way
         assert all(bit_equal(mine["state"][key][k], theirs["state"][key][k]) for k in theirs["state"][key])
+
+
+def test_a_subclass_with_its_own_init_group_is_decided_on_the_host() -> None:
+    """A subclass whose ``_init_group`` is its own is not torch's Adam as far as the compiled path
+    knows: its step is decided on the host, as before, and stays right."""
+    calls = []
+
+    class Counting(safeopt.AdamW):
+        def _init_group(self, *args: Any) -> Any:
+            calls.append(1)
+            return super()._init_group(*args)
+
+    params = params_for()
+    opt = Counting(params, lr=0.05, foreach=True)
+    step, _ = compiled(opt.step, "eager")
+    for i in range(3):
+        for j, p in enumerate(params):
+            p.grad = torch.ones_like(p) if (i + j) % 2 else torch.zeros_like(p)
+        before = snapshot(opt, params)
+        step()
+        assert_unchanged(before, opt, params, [j for j in range(len(params)) if not (i + j) % 2], f"step {i}")
+    assert calls
