@@ -400,3 +400,23 @@ def test_a_subclass_with_its_own_init_group_is_decided_on_the_host() -> None:
         step()
         assert_unchanged(before, opt, params, [j for j in range(len(params)) if not (i + j) % 2], f"step {i}")
     assert calls
+
+
+def test_past_the_recompile_limit_the_step_runs_eagerly_and_stays_right() -> None:
+    """Grads set to None in changing sets recompile (dynamo guards on them, for torch's step too);
+    past the limit dynamo runs the step's frame eagerly: idle parameters still hold still, state
+    included, and active ones move."""
+    params = params_for()
+    opt = safeopt.AdamW(params, lr=0.05, foreach=True)
+    step, counter = compiled(opt.step, "eager")
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for i in range(6):
+            for j, p in enumerate(params):
+                p.grad = None if j == i else (torch.ones_like(p) if (i + j) % 2 else torch.zeros_like(p))
+            before = snapshot(opt, params)
+            step()
+            idle = [j for j in range(len(params)) if j == i or not (i + j) % 2]
+            assert_unchanged(before, opt, params, idle, f"step {i}")
+            moved = [j for j in range(len(params)) if j not in idle]
+            assert all(not bit_equal(params[j].detach(), before[j][0]) for j in moved)
+    assert counter.frame_count <= 3
