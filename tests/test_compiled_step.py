@@ -29,6 +29,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "capturable": {"capturable": True},
 }
 SHAPES = [(5,), (3, 4), (2, 3), (7,), (4,), (2, 2, 2)]
+# Issue 22's target: at most 2 compilations of the step whatever the active sets. Measured on
+# torch 2.13: 1 (the state is made while dynamo traces, so it does not compile again when it
+# appears); pinned there, the target elsewhere (the compat subset runs other torches).
+MAX_GRAPHS = 1 if torch.__version__.startswith("2.13.") else 2
 
 
 @pytest.fixture(autouse=True)
@@ -56,8 +60,8 @@ def grads_for(
     for i, (shape, on) in enumerate(zip(SHAPES, active)):
         if on:
             g = torch.randn(shape, generator=gen)
-            if step % 3 == 2 and i == active.index(True):
-                g.view(-1)[0] = float("nan") if step % 2 else float("inf")
+            if step % 2 == 1 and i == active.index(True):  # odd steps: a NaN, then an inf
+                g.view(-1)[0] = float("nan") if step % 4 == 1 else float("inf")
         else:
             g = torch.full(shape, -0.0 if rng.random() < 0.5 else 0.0)
         grads.append(g)
@@ -147,18 +151,18 @@ CONFIGS = [(safeopt.AdamW, impl, setting) for impl in IMPLS for setting in SETTI
 def test_random_active_sets_match_torchs_compiled_step_in_one_graph(
     cls: type, impl: str, setting: str
 ) -> None:
-    """aot_eager, 6 steps of random active sets (NaN and inf grads active, 0.0 and -0.0 grads idle):
+    """aot_eager, 4 steps of random active sets (NaN and inf grads active, 0.0 and -0.0 grads idle):
     bit-identical to torch's compiled step on the active parameters; safeopt's step compiles once."""
     kwargs = {"lr": 0.05, **IMPLS[impl], **SETTINGS[setting]}
-    graphs = run_against_torch(cls, kwargs, "aot_eager", steps=6)
-    assert graphs == 1, f"safeopt's step compiled {graphs} graphs"
+    graphs = run_against_torch(cls, kwargs, "aot_eager", steps=4)
+    assert graphs <= MAX_GRAPHS, f"safeopt's step compiled {graphs} graphs"
 
 
 @pytest.mark.usefixtures("torch_recompiles")
 def test_tensor_lr_forloop() -> None:
     """A tensor lr (torch's forloop step takes one; its foreach step without capturable refuses)."""
     kwargs = {"lr": torch.tensor(0.05), "foreach": False, "weight_decay": 0.1}
-    assert run_against_torch(safeopt.AdamW, kwargs, "aot_eager", steps=5) == 1
+    assert run_against_torch(safeopt.AdamW, kwargs, "aot_eager", steps=5) <= MAX_GRAPHS
 
 
 @pytest.mark.usefixtures("torch_recompiles")
@@ -167,9 +171,9 @@ def test_frozen_parameter_with_a_grad_holds_still_and_wrap_takes_the_same_path(i
     """A parameter frozen through the freeze API, with nonzero grads every step, stays
     bit-identical with torch's fresh state; the same through wrap(torch.optim.AdamW)."""
     kwargs = {"lr": 0.05, "weight_decay": 0.1, **IMPLS[impl]}
-    assert run_against_torch(safeopt.AdamW, kwargs, "aot_eager", steps=5, frozen=2) == 1
+    assert run_against_torch(safeopt.AdamW, kwargs, "aot_eager", steps=5, frozen=2) <= MAX_GRAPHS
     torch._dynamo.reset()
-    assert run_against_torch(safeopt.AdamW, kwargs, "aot_eager", steps=5, frozen=2, make="wrap") == 1
+    assert run_against_torch(safeopt.AdamW, kwargs, "aot_eager", steps=5, frozen=2, make="wrap") <= MAX_GRAPHS
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=list(IMPLS))
@@ -187,8 +191,7 @@ def test_at_most_two_compilations_over_twenty_steps(impl: str) -> None:
         before = snapshot(opt, params)
         step()
         assert_unchanged(before, opt, params, [j for j, on in enumerate(active) if not on], f"step {i}")
-    assert counter.frame_count <= 2, f"{counter.frame_count} graphs over 20 steps"
-    assert counter.frame_count == 1
+    assert counter.frame_count <= MAX_GRAPHS, f"{counter.frame_count} graphs over 20 steps"
 
 
 def test_lazy_false_group_steps_every_parameter_with_a_grad() -> None:
@@ -206,7 +209,7 @@ def test_lazy_false_group_steps_every_parameter_with_a_grad() -> None:
         step()
         ref_step()
         assert_matches_reference(opt, params, ref, ref_params, range(len(params)), f"step {i}")
-    assert counter.frame_count == 1
+    assert counter.frame_count <= MAX_GRAPHS
 
 
 def test_a_compiled_training_step_does_not_compile_again() -> None:
@@ -239,7 +242,10 @@ def test_a_compiled_training_step_does_not_compile_again() -> None:
             moved = [not torch.equal(p, q) for p, q in zip(e.parameters(), old)]
             assert all(moved) if on else not any(moved)
         graphs.append(counter.frame_count)
-    assert graphs == [graphs[0]] * 8, f"graphs after each step: {graphs}"
+    # Nothing compiles after the first step (torch 2.13), after the second elsewhere.
+    assert graphs[MAX_GRAPHS:] == [graphs[MAX_GRAPHS - 1]] * (8 - MAX_GRAPHS), (
+        f"graphs after each step: {graphs}"
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=list(IMPLS))
@@ -265,7 +271,7 @@ def test_inductor_alternating_active_sets_match_torchs_inductor_step() -> None:
     kwargs = {"lr": 0.05, "foreach": True, "amsgrad": True, "weight_decay": 0.1}
     with torch._dynamo.config.patch(recompile_limit=64):
         graphs = run_against_torch(safeopt.AdamW, kwargs, "inductor", steps=4, patterns=2)
-    assert graphs == 1
+    assert graphs <= MAX_GRAPHS
 
 
 # --- the torch seams the compiled path leans on (safeopt/_torch_compat.py) ------------------------
@@ -338,7 +344,7 @@ def test_mixed_dtypes_match_torch(impl: str) -> None:
         ref_step()
         assert_unchanged(before, opt, params, [j for j, on in enumerate(active) if not on], f"step {i}")
         assert_matches_reference(opt, params, ref, ref_params, range(len(params)), f"step {i}")
-    assert counter.frame_count == 1
+    assert counter.frame_count <= MAX_GRAPHS
 
 
 @pytest.mark.usefixtures("torch_recompiles")
