@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from safeopt import _amp, _capturable, _fresh, _row_rule, _rows, _rule, _torch_compat
+from safeopt import _amp, _capturable, _compiled, _fresh, _row_rule, _rows, _rule, _torch_compat
 from safeopt._freeze import FreezeAPI
 from safeopt._torch_compat import batches, unhooked, writes_into_grads
 
@@ -61,6 +61,15 @@ def lazy_step(
             loss = closure()
 
     groups = _rule.with_flags(groups, optimizer.defaults)
+    # Traced by dynamo: the decision on the device, so the graph does not depend on the active set.
+    if (
+        torch.compiler.is_compiling()
+        and before is None
+        and not pass_closure
+        and _compiled.applies(optimizer, groups, step)
+    ):
+        _compiled.step(optimizer, step)
+        return loss
     rows = any(group[_rule.LAZY] == _row_rule.ROWS for group in groups)
     if rows:
         _rows.check(optimizer, groups, twin=isinstance(optimizer, LazyOptimizer))

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import torch
+from torch import Tensor
 
 __all__ = [
     "ADAM_LISTS",
@@ -29,14 +30,17 @@ __all__ = [
     "fused_adam_kernel",
     "fused_adam_options",
     "gather",
+    "init_group",
     "saved_as_is",
     "settle",
     "skip_flag",
     "skips_by_found_inf",
     "state_made_at_first_step",
+    "torch_step_fn",
     "twin",
     "unhooked",
     "untraced",
+    "without_grad_mode",
     "writes_into_grads",
 ]
 
@@ -457,3 +461,59 @@ def capture_health_check(optimizer: torch.optim.Optimizer) -> None:
     )
     if check is not None:
         check()
+
+
+# --- torch.compile: torch's step traced by dynamo (safeopt/_compiled.py) ---------------------------
+
+
+def torch_step_fn(optimizer: torch.optim.Optimizer, step: Callable[..., Any]) -> Callable[..., Any] | None:
+    """``step`` when it is torch's own ``Adam.step`` or ``AdamW.step`` (hooks off), ``optimizer``
+    one of those classes and its ``_init_group`` torch's (what :func:`init_group` calls); else None."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) or step not in _torch_steps():
+        return None
+    return step if _adam_init_outputs(optimizer) is not None else None
+
+
+def without_grad_mode(step: Callable[..., Any]) -> Callable[..., Any]:
+    """torch's ``step`` without its ``_use_grad_for_differentiable`` wrapper, which sets grad mode
+    and breaks dynamo's graph on either side of the step; ``step`` itself when it has none."""
+    inner = getattr(step, "__wrapped__", None)
+    if inner is not None and getattr(getattr(step, "__code__", None), "co_name", "") == "_use_grad":
+        return inner  # type: ignore[no-any-return]  # set by functools.update_wrapper
+    return step
+
+
+# By class, read at import: read while dynamo traces, a cache filled at the first step would be
+# guarded on and compile the step again at the second.
+_ADAM_INIT_OUTPUTS = {cls: _signature_outputs(cls) for cls in (torch.optim.Adam, torch.optim.AdamW)}
+
+
+def _adam_init_outputs(optimizer: torch.optim.Optimizer) -> tuple[str, ...] | None:
+    """The outputs of ``optimizer``'s ``_init_group`` when it is torch's Adam's or AdamW's."""
+    init = getattr(type(optimizer), "_init_group", None)
+    # Compared with the classes' attributes as they are now: dynamo replaces every torch.optim
+    # class's _init_group with a disabled wrapper of it when it first compiles.
+    outputs = next((out for cls, out in _ADAM_INIT_OUTPUTS.items() if init is cls._init_group), None)
+    return outputs if outputs is not None and set(ADAM_LISTS) <= set(outputs) else None
+
+
+def init_group(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> list[list[Tensor]] | None:
+    """torch's ``_init_group`` on one of ``optimizer``'s own groups, for torch's own Adam and AdamW:
+    state for each of its parameters with a grad, made as torch makes it, and for each such
+    parameter the tensors torch's step updates (the parameter, its ``exp_avg``, ``exp_avg_sq``,
+    ``max_exp_avg_sq`` with amsgrad, and ``step``). None for any other ``_init_group``.
+
+    Called as a method of the optimizer, as torch's step calls it: while tracing, dynamo runs it
+    (its ``OptimizerVariable``) and hands the traced code the state it made, so that nothing
+    compiles again when the state appears. The tensors come from its lists, not from
+    ``optimizer.state``, which dynamo would read as it was before the call."""
+    outputs = _adam_init_outputs(optimizer)
+    if outputs is None:
+        return None
+    args = _init_group_args(group, outputs)
+    optimizer._init_group(group, *args)  # type: ignore[attr-defined]  # private, per class
+    named = dict(zip(outputs, args))
+    params, _, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = (named[name] for name in ADAM_LISTS)
+    if not group["amsgrad"]:
+        return [[p, m, v, s] for p, m, v, s in zip(params, exp_avgs, exp_avg_sqs, steps)]
+    return [[p, m, v, mx, s] for p, m, v, mx, s in zip(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)]

@@ -27,6 +27,7 @@ FLOORS: dict[str, int] = {
     "_fresh": 2,
     "_rows": 2,
     "_capturable": 2,
+    "_compiled": 2,
     "_amp": 2,
     "_lazy": 2,
     # 3: the public optimizers and wrap()
