@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from safeopt._groups import row_tables
+from safeopt._lazy import LazyOptimizer
 from safeopt._row_rule import ROWS
 from safeopt._watch import param_names
 
@@ -199,6 +200,8 @@ def audit(model: nn.Module, optimizer: Optimizer) -> AuditReport:
         if len(ns) > 1
     ]
     tables = row_tables(model)
+    # Only safeopt's classes step by rows; torch's keep a group's "lazy" key and ignore it.
+    rows_honoured = isinstance(optimizer, LazyOptimizer)
     findings += [
         Finding(
             "rows_not_lazy",
@@ -206,7 +209,8 @@ def audit(model: nn.Module, optimizer: Optimizer) -> AuditReport:
             f"{tables[pid]}, {_shape(held_params[pid])}, {where(pid)}",
         )
         for pid in held_params
-        if pid in tables and optimizer.param_groups[held[pid][0][0]].get("lazy") != ROWS
+        if pid in tables
+        and not (rows_honoured and optimizer.param_groups[held[pid][0][0]].get("lazy") == ROWS)
     ]
     n_model = sum(1 for p in model_params.values() if p.requires_grad)
     return AuditReport(findings, n_model, len(held))

@@ -32,8 +32,8 @@ _RESERVED = ("params", "param_names", "lazy", "weight_decay", "name")
 def row_tables(model: nn.Module) -> dict[int, str]:
     """The parameters ``rows="auto"`` steps by rows, by ``id``, with the reason for each:
 
-    - ``"experts"``: a parameter of three or more dimensions held directly by a module that is
-      not a convolution (transformers 5's fused ``experts.gate_up_proj`` / ``down_proj``
+    - ``"experts"``: a parameter of three dimensions, more than one along dim 0, held directly by
+      a module that is not a convolution (transformers 5's fused ``experts.gate_up_proj`` / ``down_proj``
       ``[E, ...]``, Megatron-style grouped GEMM weights), and every parameter of two or more
       dimensions of the same module whose dim 0 has the same size (gpt-oss's ``[E, 2I]`` expert
       biases). A dense layer's weight is two-dimensional; a convolution's dim 0 is its output
@@ -42,8 +42,8 @@ def row_tables(model: nn.Module) -> dict[int, str]:
       to another module (an output head reads every row, so every row has a gradient in every
       step and reading it by rows is pure cost).
     """
-    holders: dict[int, int] = defaultdict(int)
-    for _, module in model.named_modules(remove_duplicate=False):
+    holders: dict[int, int] = defaultdict(int)  # modules holding each parameter (a shared module once)
+    for module in model.modules():
         for p in module.parameters(recurse=False):
             holders[id(p)] += 1
     found: dict[int, str] = {}
@@ -56,7 +56,9 @@ def row_tables(model: nn.Module) -> dict[int, str]:
             continue
         if isinstance(module, _CONVS):
             continue
-        sizes = {p.shape[0] for p in own if p.dim() >= 3}
+        # exactly three dimensions and more than one expert: a 4-D weight is a convolution's
+        # (custom ones included), a [1, ...] tensor a single token (ViT's cls_token)
+        sizes = {p.shape[0] for p in own if p.dim() == 3 and p.shape[0] > 1}
         for p in own:
             if p.dim() >= 2 and p.shape[0] in sizes:
                 found.setdefault(id(p), "experts")
@@ -188,7 +190,9 @@ def groups(
     reserved = sorted(set(group_kwargs) & set(_RESERVED))
     if reserved:
         raise TypeError(f"groups() sets {reserved} itself: pass weight_decay=, rows= or no_decay= instead")
-    if weight_decay is not None and (not isinstance(weight_decay, (int, float)) or weight_decay < 0):
+    if weight_decay is not None and (
+        isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0
+    ):
         raise ValueError(f"Invalid weight_decay value: {weight_decay!r} (a float >= 0, or None)")
     by_rows = _rows_predicate(model, rows)
     undecayed = _decay_predicate(model, no_decay)

@@ -147,3 +147,31 @@ def test_audit_advises_lazy_rows_for_experts_and_embeddings() -> None:
     assert 'lazy="rows"' in str(report) and "experts, shape 4x4x3, group 0, position" in str(report)
     report = safeopt.audit(model, safeopt.AdamW(safeopt.groups(model, weight_decay=0.1), lr=0.1))
     assert not report, str(report)
+
+
+def test_audit_advises_rows_for_a_torch_optimizer_given_safeopt_groups() -> None:
+    """torch's AdamW keeps a group's lazy key and ignores it: its idle experts still move."""
+    model = torch.nn.Module()
+    model.experts = torch.nn.Module()
+    model.experts.w = torch.nn.Parameter(torch.ones(4, 3, 2))
+    plain = torch.optim.AdamW(safeopt.groups(model, weight_decay=0.1), lr=0.1)
+    assert "rows_not_lazy" in safeopt.audit(model, plain).kinds()
+    assert "rows_not_lazy" not in safeopt.audit(model, safeopt.AdamW(safeopt.groups(model), lr=0.1)).kinds()
+
+
+def test_auto_rows_skip_single_tokens_and_4d_weights_and_keep_a_shared_embedding() -> None:
+    model = torch.nn.Module()
+    model.cls_token = torch.nn.Parameter(torch.zeros(1, 1, 8))  # ViT's: one slice
+    model.conv = torch.nn.Module()
+    model.conv.weight = torch.nn.Parameter(torch.zeros(8, 3, 3, 3))  # a custom convolution
+    shared = torch.nn.Embedding(10, 4)
+    model.enc, model.dec = torch.nn.Module(), torch.nn.Module()
+    model.enc.embed = model.dec.embed = shared  # one module in two places (T5-style), not tied
+    from safeopt._groups import row_tables
+
+    assert row_tables(model) == {id(shared.weight): "embedding"}
+
+
+def test_groups_refuses_a_bool_weight_decay() -> None:
+    with pytest.raises(ValueError, match="weight_decay"):
+        safeopt.groups(torch.nn.Linear(2, 2), weight_decay=True)
