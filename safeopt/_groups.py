@@ -80,6 +80,15 @@ def no_decay_names(model: nn.Module) -> set[str]:
     }
 
 
+def _searcher(argument: str, pattern: str) -> Callable[[str, Tensor], bool]:
+    """A predicate true for the names ``pattern`` (a regular expression) is found in."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"groups({argument}={pattern!r}): not a regular expression ({e})") from None
+    return lambda name, p: compiled.search(name) is not None
+
+
 def _rows_predicate(model: nn.Module, rows: RowsRule) -> Callable[[str, Tensor], bool]:
     if rows is None:
         return lambda name, p: False
@@ -87,32 +96,28 @@ def _rows_predicate(model: nn.Module, rows: RowsRule) -> Callable[[str, Tensor],
         if rows == "auto":
             auto = row_tables(model)
             return lambda name, p: id(p) in auto
-        try:
-            pattern = re.compile(rows)
-        except re.error as e:
-            raise ValueError(f"groups(rows={rows!r}): not a regular expression ({e})") from None
-        return lambda name, p: pattern.search(name) is not None
+        return _searcher("rows", rows)
     if callable(rows):
         return rows
     if isinstance(rows, Iterable):
-        names = set(dict(model.named_parameters()))
-        chosen_names: set[str] = set()
+        # every name of a parameter, a tied weight's second name too
+        named = dict(model.named_parameters(remove_duplicate=False))
         chosen_ids: set[int] = set()
         for item in rows:
             if isinstance(item, str):
-                if item not in names:
+                if item not in named:
                     raise ValueError(
                         f"groups(rows=[..., {item!r}, ...]): the model has no parameter named {item!r} "
-                        f"(names are model.named_parameters()'s, e.g. {next(iter(names), '')!r})"
+                        f"(names are model.named_parameters()'s, e.g. {next(iter(named), '')!r})"
                     )
-                chosen_names.add(item)
+                chosen_ids.add(id(named[item]))
             elif isinstance(item, Tensor):
                 chosen_ids.add(id(item))
             else:
                 raise TypeError(
                     f"groups(rows=[...]) takes parameter names or parameters, got {type(item).__name__}"
                 )
-        return lambda name, p: name in chosen_names or id(p) in chosen_ids
+        return lambda name, p: id(p) in chosen_ids
     raise TypeError(
         f'groups(rows=...) takes "auto", a regular expression, a list of names or parameters, a '
         f"callable (name, param) -> bool, or None; got {type(rows).__name__}"
@@ -127,11 +132,7 @@ def _decay_predicate(model: nn.Module, no_decay: DecayRule) -> Callable[[str, Te
         if no_decay == "auto":
             names = no_decay_names(model)
             return lambda name, p: name in names
-        try:
-            pattern = re.compile(no_decay)
-        except re.error as e:
-            raise ValueError(f"groups(no_decay={no_decay!r}): not a regular expression ({e})") from None
-        return lambda name, p: pattern.search(name) is not None
+        return _searcher("no_decay", no_decay)
     if callable(no_decay):
         return no_decay
     raise TypeError(

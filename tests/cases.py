@@ -232,3 +232,23 @@ TARGET_KINDS = (
     "group_name",
     "group_dict",
 )
+
+
+def trainer_args(tf: Any, output_dir: str, **settings: Any) -> Any:
+    """Hugging Face ``TrainingArguments`` for a deterministic CPU run that saves a checkpoint every
+    3 steps and logs, reports and shows nothing; ``settings`` add or override (``max_steps``...)."""
+    return tf.TrainingArguments(
+        output_dir=output_dir,
+        **{
+            "save_strategy": "steps",
+            "save_steps": 3,
+            "logging_strategy": "no",
+            "report_to": [],
+            "use_cpu": True,
+            "seed": 0,
+            "data_seed": 0,
+            "dataloader_num_workers": 0,
+            "disable_tqdm": True,
+            **settings,
+        },
+    )

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import safeopt
+from cases import trainer_args
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests build their models from configs: no downloads
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -318,20 +319,7 @@ def hf_train(tmp_path: Path, out: str, *, max_steps: int, resume: str | None = N
     opt = safeopt.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     if resume is None:
         opt.freeze(model.bert.embeddings)  # after a resume the flag comes back from the checkpoint
-    args = tf.TrainingArguments(
-        output_dir=str(tmp_path / out),
-        max_steps=max_steps,
-        per_device_train_batch_size=4,
-        save_strategy="steps",
-        save_steps=3,
-        logging_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
+    args = trainer_args(tf, str(tmp_path / out), max_steps=max_steps, per_device_train_batch_size=4)
     trainer = tf.Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, None))
     trainer.train(resume_from_checkpoint=resume)
     return model, trainer

@@ -175,3 +175,12 @@ def test_auto_rows_skip_single_tokens_and_4d_weights_and_keep_a_shared_embedding
 def test_groups_refuses_a_bool_weight_decay() -> None:
     with pytest.raises(ValueError, match="weight_decay"):
         safeopt.groups(torch.nn.Linear(2, 2), weight_decay=True)
+
+
+def test_rows_by_the_second_name_of_a_tied_weight() -> None:
+    model = torch.nn.Module()
+    model.emb = torch.nn.Embedding(6, 4)
+    model.head = torch.nn.Linear(4, 6, bias=False)
+    model.head.weight = model.emb.weight
+    (group,) = [g for g in safeopt.groups(model, rows=["head.weight"]) if g.get("lazy") == "rows"]
+    assert group["params"] == [model.emb.weight]

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 import safeopt
+from cases import trainer_args
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs only: no downloads
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -320,20 +321,8 @@ def hf_train(
         # missing keys and keeps the fresh experts). from_pretrained converts: load the weights
         # with it, and let the Trainer resume the rest (optimizer, scheduler, RNG, step).
         model = tf.AutoModelForCausalLM.from_pretrained(resume)
-    args = tf.TrainingArguments(
-        output_dir=str(tmp_path / out),
-        max_steps=max_steps,
-        per_device_train_batch_size=1,
-        learning_rate=1e-2,
-        save_strategy="steps",
-        save_steps=3,
-        logging_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
+    args = trainer_args(
+        tf, str(tmp_path / out), max_steps=max_steps, per_device_train_batch_size=1, learning_rate=1e-2
     )
     found: list[Lockstep] = []
 
