@@ -35,6 +35,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from safeopt._groups import row_tables
+from safeopt._torch_compat import untraced
 from safeopt._watch import Watch, WatchReport, param_names
 
 __all__ = ["REPLACED", "GlobalWatch", "Summary", "Watched", "module_names", "optimizer_names"]
@@ -197,9 +198,18 @@ class GlobalWatch:
     def start(self) -> None:
         self._stopped = False
         if not self._handles:
+            # Untraced: under a compiled step (``torch.compile`` of a function calling step()) the
+            # hooks run as plain Python; dynamo tracing them fails on the garbage collector's list.
+            # Functions, not bound methods: torch.compiler.disable marks what it is given.
+            def before(optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                self._before(optimizer, args, kwargs)
+
+            def after(optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                self._after(optimizer, args, kwargs)
+
             self._handles = [
-                register_optimizer_step_pre_hook(self._before),
-                register_optimizer_step_post_hook(self._after),
+                register_optimizer_step_pre_hook(untraced(before)),
+                register_optimizer_step_post_hook(untraced(after)),
             ]
 
     def stop(self) -> None:

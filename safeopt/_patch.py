@@ -42,6 +42,7 @@ from safeopt import _optimizers
 from safeopt._lazy import LazyOptimizer
 from safeopt._observe import module_names
 from safeopt._rule import nonzero_flags
+from safeopt._torch_compat import untraced
 from safeopt._wrap import LazyWrapper, wrap
 
 __all__ = ["SGD", "Adam", "AdamW", "Patch", "patch", "unpatch"]
@@ -175,14 +176,20 @@ class _Session:
         self.none = 0  # parameter-steps without a grad
 
     def start(self) -> None:
-        self.handle = register_optimizer_step_post_hook(self._step)
+        session = self
+
+        def step_hook(opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            session._step(opt, args, kwargs)
+
+        # Untraced: under a compiled step the hook runs as plain Python (a function, not a bound
+        # method: torch.compiler.disable marks what it is given).
+        self.handle = register_optimizer_step_post_hook(untraced(step_hook))
         for module, name, replacement in _REPLACED:
             self.saved.append((module, name, getattr(module, name)))
             setattr(module, name, replacement)
         if self.wrap_all:
             original = Optimizer.__init__
             self.saved_init = original
-            session = self
 
             def __init__(opt: Optimizer, *args: Any, **kwargs: Any) -> None:
                 original(opt, *args, **kwargs)
