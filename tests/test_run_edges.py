@@ -5,8 +5,16 @@ outlive the script, ``--json`` problems, a closed stdout, abbreviated options, m
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from script_runs import load_json, ok, python, safeopt, same_params
+import pytest
+import torch
+from torch import nn
+
+import safeopt
+from safeopt._observe import GlobalWatch, module_names
+from script_runs import load_json, ok, python, same_params
+from script_runs import safeopt as cli
 
 COMPILED_STEP = """\
 import sys
@@ -45,10 +53,70 @@ def test_watch_and_run_of_a_compiled_step(tmp_path: Path) -> None:
 
     write(tmp_path, "train.py", COMPILED_STEP)
     ok(python("train.py", "plain.pt", cwd=tmp_path))
-    done = ok(safeopt("watch", "--json", "w.json", "train.py", "watched.pt", cwd=tmp_path))
+    done = ok(cli("watch", "--json", "w.json", "train.py", "watched.pt", cwd=tmp_path))
     assert same_params(tmp_path / "plain.pt", tmp_path / "watched.pt")
     (opt,) = load_json(tmp_path / "w.json")["optimizers"]
     assert opt["steps"] == 3
     assert "Linear.weight" in done.stderr and "verdict: affected" in done.stderr  # aux, idle
-    done = ok(safeopt("run", "--json", "r.json", "train.py", "run.pt", cwd=tmp_path))
+    done = ok(cli("run", "--json", "r.json", "train.py", "run.pt", cwd=tmp_path))
     assert load_json(tmp_path / "r.json")["steps"] == 3
+
+
+class OldSignature(nn.Module):
+    """A module written for torch before 1.13: ``named_parameters`` without ``remove_duplicate``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Any:  # type: ignore[override]
+        return super().named_parameters(prefix, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)  # type: ignore[no-any-return]
+
+
+def watched_steps(model: nn.Module, steps: int = 2) -> dict[str, Any]:
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    watch = GlobalWatch()
+    watch.start()
+    try:
+        for _ in range(steps):
+            opt.zero_grad()
+            model(torch.randn(2, 3)).sum().backward()
+            opt.step()
+    finally:
+        watch.stop()
+    (data,) = watch.as_dict()["optimizers"]
+    return data
+
+
+@pytest.mark.parametrize("odd", ["old_signature", "no_init"])
+def test_a_module_whose_methods_fail_is_skipped_not_the_step(odd: str) -> None:
+    keep = OldSignature() if odd == "old_signature" else nn.Linear.__new__(nn.Linear)
+    model = nn.Sequential(nn.Linear(3, 3))
+    data = watched_steps(model)
+    assert data["steps"] == 2 and [p["name"] for p in data["params"]] == ["0.weight", "0.bias"]
+    with safeopt.patch(rows=r"^0\.weight$"):
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 1]
+    assert opt.param_groups[1]["params"][0] is model[0].weight
+    del keep
+
+
+def test_a_module_with_the_old_signature_is_still_named() -> None:
+    model = OldSignature()
+    data = watched_steps(model)
+    assert [p["name"] for p in data["params"]] == ["inner.weight", "inner.bias"]
+
+
+def test_a_compiled_model_is_named_as_the_model_itself() -> None:
+    model = nn.Sequential(nn.Linear(3, 3))
+    compiled = torch.compile(model, backend="eager")
+    names = module_names(list(model.parameters()))
+    assert sorted(names.values()) == ["0.bias", "0.weight"]
+    with safeopt.patch(rows=r"^0\.weight$"):
+        opt = torch.optim.AdamW(compiled.parameters(), lr=0.1)
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 1]
+    assert opt.param_groups[1]["params"][0] is model[0].weight
+    del compiled
