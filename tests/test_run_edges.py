@@ -120,3 +120,38 @@ def test_a_compiled_model_is_named_as_the_model_itself() -> None:
     assert [len(g["params"]) for g in opt.param_groups] == [1, 1]
     assert opt.param_groups[1]["params"][0] is model[0].weight
     del compiled
+
+
+LATE_THREAD = """\
+import threading
+import time
+
+import torch
+from torch import nn
+
+
+def train():
+    time.sleep(0.3)  # the main module has ended by now
+    model = nn.Linear(3, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    print("built", type(opt).__module__, flush=True)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(2, 3)).sum().backward()
+        opt.step()
+
+
+threading.Thread(target=train).start()  # not a daemon: Python waits for it at exit
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()  # a daemon: not waited for
+print("main done", flush=True)
+"""
+
+
+def test_a_thread_that_outlives_the_script_is_watched_and_patched(tmp_path: Path) -> None:
+    write(tmp_path, "late.py", LATE_THREAD)
+    done = ok(cli("watch", "--json", "w.json", "late.py", cwd=tmp_path))
+    (opt,) = load_json(tmp_path / "w.json")["optimizers"]
+    assert opt["steps"] == 3 and "1 optimizer(s) stepped" in done.stderr
+    done = ok(cli("run", "--json", "r.json", "late.py", cwd=tmp_path))
+    assert "built safeopt._patch" in done.stdout
+    assert load_json(tmp_path / "r.json")["steps"] == 3
