@@ -25,7 +25,7 @@ import threading
 import types
 from collections.abc import Sequence
 
-__all__ = ["Target", "exit_status", "join_threads", "run"]
+__all__ = ["Target", "exit_status", "flush_stdout", "join_threads", "run"]
 
 
 class Target:
@@ -39,6 +39,14 @@ class Target:
         return f"-m {self.name}" if self.module else self.name
 
 
+def flush_stdout() -> None:
+    """Flush stdout before writing to stderr; the script may have closed (or replaced) it."""
+    try:
+        sys.stdout.flush()
+    except (ValueError, OSError, AttributeError):  # closed, a broken pipe, or no stdout at all
+        pass
+
+
 def exit_status(e: SystemExit) -> int:
     """The status Python exits with for ``e``; a message code is printed to stderr, as Python does."""
     code = e.code
@@ -46,7 +54,7 @@ def exit_status(e: SystemExit) -> int:
         return 0
     if isinstance(code, int):
         return code
-    sys.stdout.flush()
+    flush_stdout()
     print(code, file=sys.stderr)
     return 1
 
@@ -134,7 +142,7 @@ def _run(target: Target, args: Sequence[str]) -> int:
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # noqa: BLE001  # python prints any other exception and exits 1
-        sys.stdout.flush()
+        flush_stdout()
         tb = _own(e.__traceback__)
         sys.excepthook(type(e), e.with_traceback(tb), tb)  # Python prints the exception's own
         return 1

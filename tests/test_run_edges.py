@@ -4,6 +4,8 @@ outlive the script, ``--json`` problems, a closed stdout, abbreviated options, m
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 import safeopt
+from safeopt.__main__ import main
 from safeopt._observe import GlobalWatch, module_names
 from script_runs import load_json, ok, python, same_params
 from script_runs import safeopt as cli
@@ -155,3 +158,110 @@ def test_a_thread_that_outlives_the_script_is_watched_and_patched(tmp_path: Path
     done = ok(cli("run", "--json", "r.json", "late.py", cwd=tmp_path))
     assert "built safeopt._patch" in done.stdout
     assert load_json(tmp_path / "r.json")["steps"] == 3
+
+
+def strict_json(path: Path) -> Any:
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{path} holds {name}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def main_in(
+    folder: Path, argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, str]:
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr(sys, "argv", ["safeopt"])
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse's own usage errors
+        status = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.parametrize("command", ["watch", "run"])
+def test_json_path_is_taken_before_the_script_moves(
+    tmp_path: Path, command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    write(tmp_path, "s.py", "import os\nos.chdir('elsewhere')\n")
+    status, _, err = main_in(tmp_path, [command, "--json", "o.json", "s.py"], monkeypatch, capsys)
+    assert status == 0, err
+    assert (tmp_path / "o.json").is_file() and not (tmp_path / "elsewhere" / "o.json").exists()
+
+
+@pytest.mark.parametrize("command", ["watch", "run"])
+def test_a_json_folder_is_refused_before_the_script_runs(
+    tmp_path: Path, command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(tmp_path, "s.py", "print('ran')\n")
+    status, out, err = main_in(tmp_path, [command, "--json", ".", "s.py"], monkeypatch, capsys)
+    assert (status, out) == (2, "")
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"safeopt {command}: error: argument --json: ") and "folder" in line, line
+
+
+@pytest.mark.parametrize("command", ["watch", "run"])
+@pytest.mark.parametrize(("exit", "status"), [(0, 1), (3, 3)])
+def test_a_json_that_cannot_be_written_keeps_the_scripts_status(
+    tmp_path: Path,
+    command: str,
+    exit: int,
+    status: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "out").mkdir()
+    write(tmp_path, "s.py", f"import shutil, sys\nshutil.rmtree('out')\nsys.exit({exit})\n")
+    got, _, err = main_in(tmp_path, [command, "--json", "out/o.json", "s.py"], monkeypatch, capsys)
+    assert got == status
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "out/o.json" in lines[0], err
+
+
+NON_FINITE = """\
+import torch
+
+p = torch.nn.Parameter(torch.ones(2))
+q = torch.nn.Parameter(torch.ones(2))
+r = torch.nn.Parameter(torch.ones(2))
+opt = torch.optim.SGD([p, q, r], lr=1.0, momentum=0.9)
+for i in range(3):  # q's momentum overflows, r's is NaN: both move without a grad afterwards
+    opt.zero_grad(set_to_none=False)
+    loss = p.sum()
+    if i == 0:
+        loss = loss + (q * 3e38).sum() + (r * torch.tensor([float("nan"), 1.0])).sum()
+    loss.backward()
+    opt.step()
+"""
+
+
+def test_json_writes_non_finite_numbers_as_strings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(tmp_path, "s.py", NON_FINITE)
+    status, _, err = main_in(tmp_path, ["watch", "--json", "o.json", "s.py"], monkeypatch, capsys)
+    assert status == 0, err
+    (opt,) = strict_json(tmp_path / "o.json")["optimizers"]
+    p, q, r = opt["params"]
+    assert (p["l2"], q["l2"], r["l2"]) == (0.0, "inf", "nan")
+    assert (q["max_abs"], r["max_abs"]) == ("inf", "nan")
+
+
+def test_a_script_that_closes_stdout_keeps_its_status_and_report(tmp_path: Path) -> None:
+    write(tmp_path, "s.py", "import sys\nprint('hi')\nsys.stdout.close()\n")
+    for command in ("watch", "run"):
+        done = cli(command, "s.py", cwd=tmp_path)
+        assert (done.returncode, done.stdout) == (0, "hi\n"), done.stderr
+        assert "no torch.optim optimizer stepped" in done.stderr or "no optimizer stepped" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["watch", "run"])
+def test_options_are_not_abbreviated(
+    tmp_path: Path, command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(tmp_path, "s.py", "print('ran')\n")
+    status, out, err = main_in(tmp_path, [command, "--js", "o.json", "s.py"], monkeypatch, capsys)
+    assert (status, out) == (2, "")
+    assert "unrecognized arguments: --js" in err, err
