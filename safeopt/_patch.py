@@ -24,6 +24,7 @@ the name the optimizer was given (named parameters) or not at all.
 
 from __future__ import annotations
 
+import abc
 import importlib
 import re
 import threading
@@ -50,16 +51,24 @@ __all__ = ["SGD", "Adam", "AdamW", "Patch", "patch", "unpatch"]
 _LOCK = threading.RLock()
 
 
-class _EitherClass(type):
-    """The metaclass of the replacements: torch's class's instances and subclasses count too."""
-
-    _torch_cls: type
+class _EitherClass(abc.ABCMeta):
+    """The metaclass of the replacements: torch's class's instances and subclasses count as the
+    replacement's own, for the replacements themselves (``isinstance(torch_adamw, torch.optim.AdamW)``
+    under the patch), not for a class a user derives from one (``class MyAdam(torch.optim.AdamW)``
+    claims only its own instances). An ``abc.ABCMeta``, so that a subclass can also derive from
+    ``abc.ABC``."""
 
     def __instancecheck__(cls, obj: Any) -> bool:
-        return type.__instancecheck__(cls, obj) or isinstance(obj, cls._torch_cls)
+        if super().__instancecheck__(obj):
+            return True
+        torch_cls = vars(cls).get("_torch_cls")
+        return torch_cls is not None and isinstance(obj, torch_cls)
 
     def __subclasscheck__(cls, sub: type) -> bool:
-        return type.__subclasscheck__(cls, sub) or issubclass(sub, cls._torch_cls)
+        if super().__subclasscheck__(sub):
+            return True
+        torch_cls = vars(cls).get("_torch_cls")
+        return torch_cls is not None and issubclass(sub, torch_cls)
 
 
 def _prepare(params: Any) -> Any:

@@ -4,6 +4,7 @@ outlive the script, ``--json`` problems, a closed stdout, abbreviated options, m
 
 from __future__ import annotations
 
+import abc
 import json
 import sys
 from pathlib import Path
@@ -72,11 +73,11 @@ class OldSignature(nn.Module):
         super().__init__()
         self.inner = nn.Linear(3, 3)
 
-    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Any:  # type: ignore[override]
+    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Any:  # type: ignore[override]  # the old signature is the point
         return super().named_parameters(prefix, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x)  # type: ignore[no-any-return]
+        return self.inner(x)  # type: ignore[no-any-return]  # nn.Module calls are Any
 
 
 def watched_steps(model: nn.Module, steps: int = 2) -> dict[str, Any]:
@@ -265,3 +266,36 @@ def test_options_are_not_abbreviated(
     status, out, err = main_in(tmp_path, [command, "--js", "o.json", "s.py"], monkeypatch, capsys)
     assert (status, out) == (2, "")
     assert "unrecognized arguments: --js" in err, err
+
+
+def test_a_subclass_with_an_abc_mixin_under_the_patch() -> None:
+    p = [nn.Parameter(torch.zeros(2))]
+    with safeopt.patch():
+
+        class Mixed(torch.optim.AdamW, abc.ABC):  # type: ignore[misc]  # the patched name is safeopt's
+            @abc.abstractmethod
+            def extra(self) -> int: ...
+
+        class Done(Mixed):
+            def extra(self) -> int:
+                return 1
+
+        with pytest.raises(TypeError, match="abstract"):
+            Mixed(p)  # type: ignore[abstract]  # what the ABC is for
+        opt = Done(p, lr=0.1)
+    assert isinstance(opt, safeopt.AdamW) and isinstance(opt, torch.optim.AdamW) and opt.extra() == 1
+
+
+def test_a_subclass_made_under_the_patch_does_not_claim_torchs_instances() -> None:
+    p = [nn.Parameter(torch.zeros(2))]
+    plain = torch.optim.AdamW(p)
+    with safeopt.patch():
+
+        class MyAdam(torch.optim.AdamW):  # type: ignore[misc]  # the patched name is safeopt's
+            pass
+
+        assert isinstance(plain, torch.optim.AdamW)  # the patched name itself keeps them
+        assert issubclass(type(plain), torch.optim.AdamW)
+        assert not isinstance(plain, MyAdam) and not issubclass(type(plain), MyAdam)
+        mine = MyAdam(p)
+    assert isinstance(mine, MyAdam) and isinstance(mine, safeopt.AdamW)
