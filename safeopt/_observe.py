@@ -231,9 +231,11 @@ class GlobalWatch:
         self._entries: list[weakref.ref[Watched] | Summary] = []
         self._handles: list[Any] = []
         self._stopped = False
+        self._kept: list[Watched] = []  # from stop(): the optimizers alive then, for the report
 
     def start(self) -> None:
         self._stopped = False
+        self._kept = []
         if not self._handles:
             # Untraced: under a compiled step (``torch.compile`` of a function calling step()) the
             # hooks run as plain Python; dynamo tracing them fails on the garbage collector's list.
@@ -252,10 +254,13 @@ class GlobalWatch:
     def stop(self) -> None:
         """Remove the hooks. Optimizers collected from now on are left out of the report: their
         summary would be made inside the garbage collector, at the interpreter's exit too, where
-        torch's tensors may already be half torn down."""
+        torch's tensors may already be half torn down. Those the script dropped that the garbage
+        collector has not freed yet are kept (strongly, with their optimizers) for the report."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        # Before _stopped: one collected meanwhile still writes its summary (_released).
+        self._kept = [w for e in list(self._entries) if not isinstance(e, Summary) and (w := e()) is not None]
         self._stopped = True
 
     def _released(self, watched: Watched) -> None:

@@ -5,6 +5,7 @@ outlive the script, ``--json`` problems, a closed stdout, abbreviated options, m
 from __future__ import annotations
 
 import abc
+import gc
 import json
 import sys
 from pathlib import Path
@@ -299,3 +300,22 @@ def test_a_subclass_made_under_the_patch_does_not_claim_torchs_instances() -> No
         assert not isinstance(plain, MyAdam) and not issubclass(type(plain), MyAdam)
         mine = MyAdam(p)
     assert isinstance(mine, MyAdam) and isinstance(mine, safeopt.AdamW)
+
+
+def test_optimizers_dropped_but_not_yet_collected_at_stop_are_reported() -> None:
+    model = nn.Linear(3, 3)
+    watch = GlobalWatch()
+    watch.start()
+    gc.disable()  # as when the collector has not run since the script dropped them
+    try:
+        for _ in range(3):
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            opt.zero_grad()
+            model(torch.randn(2, 3)).sum().backward()
+            opt.step()
+            del opt
+    finally:
+        watch.stop()
+        gc.enable()
+    gc.collect()
+    assert [s.data["steps"] for s in watch.summaries()] == [1, 1, 1]
