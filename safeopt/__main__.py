@@ -37,7 +37,7 @@ from safeopt._bench import bench
 from safeopt._demo import check_out, demo
 from safeopt._observe import GlobalWatch
 from safeopt._patch import patch, unpatch
-from safeopt._script import Target
+from safeopt._script import Target, flush_stdout
 from safeopt._script import run as run_script
 
 __all__ = ["main"]
@@ -329,9 +329,49 @@ def _target(args: argparse.Namespace) -> Target:
     return Target(args.script, module=False)
 
 
-def _check_json(path: Path | None) -> None:
-    if path is not None and not path.parent.is_dir():
+def _check_json(args: argparse.Namespace) -> None:
+    """``--json PATH`` checked before the script runs, and made absolute: the script may change
+    the current folder."""
+    path: Path | None = args.json
+    if path is None:
+        return
+    if path.is_dir():
+        raise _Usage(
+            f"argument --json: {str(path)!r} is a folder; give a file name, e.g. {str(path / 'safeopt.json')!r}"
+        )
+    if not path.parent.is_dir():
         raise _Usage(f"argument --json: {str(path)!r}: the folder {str(path.parent)!r} does not exist")
+    args.json_path = Path(os.path.abspath(path))
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float made a string, ``"inf"``, ``"-inf"`` or ``"nan"``: JSON
+    has no such numbers (Python would write ``Infinity`` and ``NaN``, which JSON readers refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _write_json(args: argparse.Namespace, data: dict[str, Any]) -> bool:
+    """Write ``data`` to ``--json``'s path, if given, and say so; False, with a one-line error,
+    when it cannot be written."""
+    if args.json is None:
+        return True
+    try:
+        args.json_path.write_text(json.dumps(_finite(data), indent=1, allow_nan=False) + "\n")
+    except OSError as e:
+        print(
+            f"safeopt {args.command}: error: argument --json: could not write {str(args.json)!r}: "
+            f"{e.strerror or e}",
+            file=sys.stderr,
+        )
+        return False
+    print(f"safeopt {args.command}: wrote {args.json}", file=sys.stderr)
+    return True
 
 
 def _invoked_as() -> str:
@@ -341,7 +381,7 @@ def _invoked_as() -> str:
 
 def _watch(args: argparse.Namespace) -> int:
     target = _target(args)
-    _check_json(args.json)
+    _check_json(args)
     head = _invoked_as()
 
     def fix(wrap_all: bool, rows: str | None) -> str:
@@ -354,21 +394,21 @@ def _watch(args: argparse.Namespace) -> int:
 
     watch = GlobalWatch()
     watch.start()
+    status, written = 1, True
     try:
-        return run_script(target, args.script_args)
+        status = run_script(target, args.script_args)
     finally:
         watch.stop()
-        sys.stdout.flush()
+        flush_stdout()
         print(watch.text(fix), file=sys.stderr)
-        if args.json is not None:
-            args.json.write_text(json.dumps(watch.as_dict(), indent=1) + "\n")
-            print(f"safeopt watch: wrote {args.json}", file=sys.stderr)
+        written = _write_json(args, watch.as_dict())
+    return status if written or status else 1
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.module is None:
         _target(args)
-    _check_json(args.json)
+    _check_json(args)
     try:
         patched = patch(rows=args.rows, wrap_all=args.wrap_all)
     except ValueError as e:
@@ -380,20 +420,21 @@ def _run(args: argparse.Namespace) -> int:
     except BaseException:
         unpatch()
         raise
+    status, written = 1, True
     try:
-        return run_script(target, args.script_args)
+        status = run_script(target, args.script_args)
     finally:
         unpatch()
-        sys.stdout.flush()
+        flush_stdout()
         print(patched.summary(), file=sys.stderr)
-        if args.json is not None:
-            args.json.write_text(json.dumps(patched.as_dict(), indent=1) + "\n")
-            print(f"safeopt run: wrote {args.json}", file=sys.stderr)
+        written = _write_json(args, patched.as_dict())
+    return status if written or status else 1
 
 
 def _script_parser(sub: Any, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
         name,
+        allow_abbrev=False,  # `--js o.json` must not be taken for --json
         help=help_text,
         description=description,
         usage=f"safeopt {name} [options] SCRIPT [ARGS ...]  or  safeopt {name} [options] -m MODULE [ARGS ...]",

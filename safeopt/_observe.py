@@ -35,6 +35,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from safeopt._groups import row_tables
+from safeopt._torch_compat import untraced
 from safeopt._watch import Watch, WatchReport, param_names
 
 __all__ = ["REPLACED", "GlobalWatch", "Summary", "Watched", "module_names", "optimizer_names"]
@@ -57,15 +58,18 @@ def module_names(params: Iterable[Tensor], tables: set[int] | None = None) -> di
     if not wanted:
         return {}
     modules = [o for o in gc.get_objects() if issubclass(type(o), nn.Module)]
-    children = {id(c) for m in modules for c in m.children()}
+    children: set[int] = set()
+    for m in modules:
+        try:
+            children.update(id(c) for c in m.children())
+        except Exception:  # noqa: BLE001, S112  # a module built without __init__: it holds none we name
+            continue
     found: list[tuple[nn.Module, dict[int, str]]] = []
     for root in modules:
         if id(root) in children:
             continue
-        held: dict[int, str] = {}
-        for name, p in root.named_parameters(remove_duplicate=False):
-            if id(p) in wanted and id(p) not in held:
-                held[id(p)] = name
+        root = _unwrapped(root)
+        held = _held_names(root, wanted)
         if held:
             found.append((root, held))
     found.sort(key=lambda rh: -len(rh[1]))  # a parameter two trees hold goes to the larger one
@@ -78,11 +82,45 @@ def module_names(params: Iterable[Tensor], tables: set[int] | None = None) -> di
             tagged.update({i: (n, len(used) - 1) for i, n in fresh.items()})
     if tables is not None:
         for root in used:
-            tables.update(i for i in row_tables(root) if i in tagged)
+            try:
+                rows = row_tables(root)
+            except Exception:  # noqa: BLE001, S112  # a module whose methods fail: no tables named in it
+                continue
+            tables.update(i for i in rows if i in tagged)
     if len(used) <= 1:
         return {i: n for i, (n, _) in tagged.items()}
     labels = _root_labels(used)
     return {i: f"{labels[r]}.{n}" for i, (n, r) in tagged.items()}
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The model a ``torch.compile(model)`` wrapper (``OptimizedModule``) holds, named as its own
+    ``named_parameters()`` names it (without ``_orig_mod.``); ``module`` itself otherwise."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: no wrapper exists
+    wrapper = getattr(eval_frame, "OptimizedModule", None)
+    while isinstance(wrapper, type) and isinstance(module, wrapper):
+        inner = vars(module).get("_modules", {}).get("_orig_mod")
+        if not isinstance(inner, nn.Module):
+            break
+        module = inner
+    return module
+
+
+def _held_names(root: nn.Module, wanted: set[int]) -> dict[int, str]:
+    """The names ``root`` gives those of ``wanted`` it holds, by ``id``; {} for a module whose
+    ``named_parameters`` fails (built without ``__init__``, or a broken override): it is skipped."""
+    try:
+        try:
+            named = list(root.named_parameters(remove_duplicate=False))
+        except TypeError:  # an override with the signature of torch before 1.13
+            named = list(root.named_parameters())
+    except Exception:  # noqa: BLE001  # that module's own failure must not fail the step
+        return {}
+    held: dict[int, str] = {}
+    for name, p in named:
+        if id(p) in wanted and id(p) not in held:
+            held[id(p)] = name
+    return held
 
 
 def _root_labels(roots: list[nn.Module]) -> list[str]:
@@ -193,22 +231,36 @@ class GlobalWatch:
         self._entries: list[weakref.ref[Watched] | Summary] = []
         self._handles: list[Any] = []
         self._stopped = False
+        self._kept: list[Watched] = []  # from stop(): the optimizers alive then, for the report
 
     def start(self) -> None:
         self._stopped = False
+        self._kept = []
         if not self._handles:
+            # Untraced: under a compiled step (``torch.compile`` of a function calling step()) the
+            # hooks run as plain Python; dynamo tracing them fails on the garbage collector's list.
+            # Functions, not bound methods: torch.compiler.disable marks what it is given.
+            def before(optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                self._before(optimizer, args, kwargs)
+
+            def after(optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                self._after(optimizer, args, kwargs)
+
             self._handles = [
-                register_optimizer_step_pre_hook(self._before),
-                register_optimizer_step_post_hook(self._after),
+                register_optimizer_step_pre_hook(untraced(before)),
+                register_optimizer_step_post_hook(untraced(after)),
             ]
 
     def stop(self) -> None:
         """Remove the hooks. Optimizers collected from now on are left out of the report: their
         summary would be made inside the garbage collector, at the interpreter's exit too, where
-        torch's tensors may already be half torn down."""
+        torch's tensors may already be half torn down. Those the script dropped that the garbage
+        collector has not freed yet are kept (strongly, with their optimizers) for the report."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        # Before _stopped: one collected meanwhile still writes its summary (_released).
+        self._kept = [w for e in list(self._entries) if not isinstance(e, Summary) and (w := e()) is not None]
         self._stopped = True
 
     def _released(self, watched: Watched) -> None:

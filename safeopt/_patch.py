@@ -24,6 +24,7 @@ the name the optimizer was given (named parameters) or not at all.
 
 from __future__ import annotations
 
+import abc
 import importlib
 import re
 import threading
@@ -42,6 +43,7 @@ from safeopt import _optimizers
 from safeopt._lazy import LazyOptimizer
 from safeopt._observe import module_names
 from safeopt._rule import nonzero_flags
+from safeopt._torch_compat import untraced
 from safeopt._wrap import LazyWrapper, wrap
 
 __all__ = ["SGD", "Adam", "AdamW", "Patch", "patch", "unpatch"]
@@ -49,16 +51,24 @@ __all__ = ["SGD", "Adam", "AdamW", "Patch", "patch", "unpatch"]
 _LOCK = threading.RLock()
 
 
-class _EitherClass(type):
-    """The metaclass of the replacements: torch's class's instances and subclasses count too."""
-
-    _torch_cls: type
+class _EitherClass(abc.ABCMeta):
+    """The metaclass of the replacements: torch's class's instances and subclasses count as the
+    replacement's own, for the replacements themselves (``isinstance(torch_adamw, torch.optim.AdamW)``
+    under the patch), not for a class a user derives from one (``class MyAdam(torch.optim.AdamW)``
+    claims only its own instances). An ``abc.ABCMeta``, so that a subclass can also derive from
+    ``abc.ABC``."""
 
     def __instancecheck__(cls, obj: Any) -> bool:
-        return type.__instancecheck__(cls, obj) or isinstance(obj, cls._torch_cls)
+        if super().__instancecheck__(obj):
+            return True
+        torch_cls = vars(cls).get("_torch_cls")
+        return torch_cls is not None and isinstance(obj, torch_cls)
 
     def __subclasscheck__(cls, sub: type) -> bool:
-        return type.__subclasscheck__(cls, sub) or issubclass(sub, cls._torch_cls)
+        if super().__subclasscheck__(sub):
+            return True
+        torch_cls = vars(cls).get("_torch_cls")
+        return torch_cls is not None and issubclass(sub, torch_cls)
 
 
 def _prepare(params: Any) -> Any:
@@ -175,14 +185,20 @@ class _Session:
         self.none = 0  # parameter-steps without a grad
 
     def start(self) -> None:
-        self.handle = register_optimizer_step_post_hook(self._step)
+        session = self
+
+        def step_hook(opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            session._step(opt, args, kwargs)
+
+        # Untraced: under a compiled step the hook runs as plain Python (a function, not a bound
+        # method: torch.compiler.disable marks what it is given).
+        self.handle = register_optimizer_step_post_hook(untraced(step_hook))
         for module, name, replacement in _REPLACED:
             self.saved.append((module, name, getattr(module, name)))
             setattr(module, name, replacement)
         if self.wrap_all:
             original = Optimizer.__init__
             self.saved_init = original
-            session = self
 
             def __init__(opt: Optimizer, *args: Any, **kwargs: Any) -> None:
                 original(opt, *args, **kwargs)

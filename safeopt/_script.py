@@ -7,6 +7,10 @@ exit status is returned as Python would make it: ``sys.exit(n)`` gives ``n``, ``
 prints ``msg`` to stderr and gives 1, an exception prints its traceback (without this module's
 and runpy's frames) through ``sys.excepthook`` and gives 1. ``KeyboardInterrupt`` is raised on,
 so that Python ends the process as it would have (the shell sees the interrupt).
+
+When the script's main module ends, its threads that are not daemons are joined, as Python does
+at exit (``threading._shutdown``), so that what they train is seen before ``run`` returns (and
+the caller reports or unpatches); daemon threads are not waited for.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import io
 import os
 import runpy
 import sys
+import threading
 import types
 from collections.abc import Sequence
 
-__all__ = ["Target", "exit_status", "run"]
+__all__ = ["Target", "exit_status", "flush_stdout", "join_threads", "run"]
 
 
 class Target:
@@ -34,6 +39,14 @@ class Target:
         return f"-m {self.name}" if self.module else self.name
 
 
+def flush_stdout() -> None:
+    """Flush stdout before writing to stderr; the script may have closed (or replaced) it."""
+    try:
+        sys.stdout.flush()
+    except (ValueError, OSError, AttributeError):  # closed, a broken pipe, or no stdout at all
+        pass
+
+
 def exit_status(e: SystemExit) -> int:
     """The status Python exits with for ``e``; a message code is printed to stderr, as Python does."""
     code = e.code
@@ -41,7 +54,7 @@ def exit_status(e: SystemExit) -> int:
         return 0
     if isinstance(code, int):
         return code
-    sys.stdout.flush()
+    flush_stdout()
     print(code, file=sys.stderr)
     return 1
 
@@ -73,12 +86,36 @@ def _run_file(path: str) -> None:
             sys.modules["__main__"] = saved
 
 
+def join_threads() -> None:
+    """Wait for every thread that is not a daemon, new ones started meanwhile too, as Python does
+    at exit; the calling thread and the main thread are not waited for."""
+    skip = {threading.current_thread(), threading.main_thread()}
+    while True:
+        alive = [t for t in threading.enumerate() if t not in skip and not t.daemon and t.is_alive()]
+        if not alive:
+            return
+        for t in alive:
+            t.join()
+
+
 def run(target: Target, args: Sequence[str]) -> int:
     """Run ``target`` as ``__main__`` with ``args``; return its exit status (see the module docstring).
 
     ``sys.argv`` and ``sys.path[0]`` are put back afterwards.
     """
     saved_argv, saved_path0 = sys.argv[:], sys.path[0] if sys.path else None
+    try:
+        try:
+            return _run(target, args)
+        finally:
+            join_threads()  # also after an exception or sys.exit(), as Python does
+    finally:
+        sys.argv = saved_argv
+        if saved_path0 is not None and sys.path:
+            sys.path[0] = saved_path0
+
+
+def _run(target: Target, args: Sequence[str]) -> int:
     try:
         if target.module:
             sys.argv = [target.name, *args]  # runpy puts the module's file first
@@ -105,11 +142,7 @@ def run(target: Target, args: Sequence[str]) -> int:
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # noqa: BLE001  # python prints any other exception and exits 1
-        sys.stdout.flush()
+        flush_stdout()
         tb = _own(e.__traceback__)
         sys.excepthook(type(e), e.with_traceback(tb), tb)  # Python prints the exception's own
         return 1
-    finally:
-        sys.argv = saved_argv
-        if saved_path0 is not None and sys.path:
-            sys.path[0] = saved_path0
