@@ -493,8 +493,10 @@ def _adam_init_outputs(optimizer: torch.optim.Optimizer) -> tuple[str, ...] | No
     init = getattr(type(optimizer), "_init_group", None)
     # Compared with the classes' attributes as they are now: dynamo replaces every torch.optim
     # class's _init_group with a disabled wrapper of it when it first compiles.
-    outputs = next((out for cls, out in _ADAM_INIT_OUTPUTS.items() if init is cls._init_group), None)
-    return outputs if outputs is not None and set(ADAM_LISTS) <= set(outputs) else None
+    for cls, outputs in _ADAM_INIT_OUTPUTS.items():  # a loop: torch 2.6's dynamo takes no next(it, default)
+        if init is cls._init_group:
+            return outputs if outputs is not None and set(ADAM_LISTS) <= set(outputs) else None
+    return None
 
 
 def init_group(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> list[list[Tensor]] | None:

@@ -29,10 +29,20 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "capturable": {"capturable": True},
 }
 SHAPES = [(5,), (3, 4), (2, 3), (7,), (4,), (2, 2, 2)]
-# Issue 22's target: at most 2 compilations of the step whatever the active sets. Measured on
+# The target: at most 2 compilations of the step whatever the active sets. Measured on
 # torch 2.13: 1 (the state is made while dynamo traces, so it does not compile again when it
 # appears); pinned there, the target elsewhere (the compat subset runs other torches).
 MAX_GRAPHS = 1 if torch.__version__.startswith("2.13.") else 2
+
+
+def limits(recompile: int, accumulated: int | None = None) -> Any:
+    """dynamo's recompile limits patched: ``recompile_limit`` since torch 2.7, ``cache_size_limit``
+    (the same setting) on torch 2.6."""
+    new = hasattr(torch._dynamo.config, "recompile_limit")
+    settings = {"recompile_limit" if new else "cache_size_limit": recompile}
+    if accumulated is not None:
+        settings["accumulated_recompile_limit" if new else "accumulated_cache_size_limit"] = accumulated
+    return torch._dynamo.config.patch(**settings)
 
 
 @pytest.fixture(autouse=True)
@@ -134,7 +144,7 @@ def run_against_torch(
 @pytest.fixture
 def torch_recompiles() -> Any:
     """torch's reference compiles once per distinct active set: let it, so that it stays compiled."""
-    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
+    with limits(64, 4096):
         yield
 
 
@@ -265,11 +275,17 @@ def test_eager_steps_do_not_take_the_compiled_path(impl: str, monkeypatch: pytes
     assert int(opt.state[params[0]]["step"]) == 1
 
 
+@pytest.mark.xfail(
+    torch.__version__.startswith("2.6."),
+    reason="torch 2.6's inductor: where a NaN grad makes max_exp_avg_sq NaN, the NaN's bits differ "
+    "from torch's own inductor step; docs/supported.md",
+    strict=True,
+)
 def test_inductor_alternating_active_sets_match_torchs_inductor_step() -> None:
     """inductor, two active sets used in turn, foreach AdamW with amsgrad and weight decay:
     bit-identical to torch's inductor-compiled step on the active parameters, one graph."""
     kwargs = {"lr": 0.05, "foreach": True, "amsgrad": True, "weight_decay": 0.1}
-    with torch._dynamo.config.patch(recompile_limit=64):
+    with limits(64):
         graphs = run_against_torch(safeopt.AdamW, kwargs, "inductor", steps=4, patterns=2)
     assert graphs <= MAX_GRAPHS
 
@@ -415,7 +431,7 @@ def test_past_the_recompile_limit_the_step_runs_eagerly_and_stays_right() -> Non
     params = params_for()
     opt = safeopt.AdamW(params, lr=0.05, foreach=True)
     step, counter = compiled(opt.step, "eager")
-    with torch._dynamo.config.patch(recompile_limit=2):
+    with limits(2):
         for i in range(6):
             for j, p in enumerate(params):
                 p.grad = None if j == i else (torch.ones_like(p) if (i + j) % 2 else torch.zeros_like(p))
