@@ -396,7 +396,7 @@ def _watch(args: argparse.Namespace) -> int:
     watch.start()
     status, written = 1, True
     try:
-        status = run_script(target, args.script_args)
+        status = run_script(target, args.script_args, exiting=args.exiting)
     finally:
         watch.stop()
         flush_stdout()
@@ -422,7 +422,7 @@ def _run(args: argparse.Namespace) -> int:
         raise
     status, written = 1, True
     try:
-        status = run_script(target, args.script_args)
+        status = run_script(target, args.script_args, exiting=args.exiting)
     finally:
         unpatch()
         flush_stdout()
@@ -566,6 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours, theirs = _split_script(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(ours)
     args.script_args = theirs
+    args.exiting = argv is None  # the program itself (not a caller that goes on): see _script.run
     try:
         if args.command == "watch":
             return _watch(args)

@@ -23,7 +23,7 @@ import runpy
 import sys
 import threading
 import types
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 __all__ = ["Target", "exit_status", "flush_stdout", "join_threads", "run"]
 
@@ -86,10 +86,15 @@ def _run_file(path: str) -> None:
             sys.modules["__main__"] = saved
 
 
-def join_threads() -> None:
-    """Wait for every thread that is not a daemon, new ones started meanwhile too, as Python does
-    at exit; the calling thread and the main thread are not waited for."""
-    skip = {threading.current_thread(), threading.main_thread()}
+def join_threads(before: Iterable[threading.Thread] = ()) -> None:
+    """What Python does at exit once the main module has ended, for the threads the script made:
+    the callbacks registered with ``threading._register_atexit`` (``concurrent.futures`` ends its
+    idle workers there: without them their threads never end), then a wait for every thread that
+    is not a daemon, new ones started meanwhile too. The calling thread, the main thread and the
+    threads of ``before`` (alive before the script started) are not waited for."""
+    for callback in reversed(getattr(threading, "_threading_atexits", [])):
+        callback()
+    skip = {threading.current_thread(), threading.main_thread(), *before}
     while True:
         alive = [t for t in threading.enumerate() if t not in skip and not t.daemon and t.is_alive()]
         if not alive:
@@ -98,17 +103,23 @@ def join_threads() -> None:
             t.join()
 
 
-def run(target: Target, args: Sequence[str]) -> int:
+def run(target: Target, args: Sequence[str], *, exiting: bool = False) -> int:
     """Run ``target`` as ``__main__`` with ``args``; return its exit status (see the module docstring).
+
+    ``exiting``: the process ends after this (the command line), so its threads are finished as
+    Python finishes them at exit (:func:`join_threads`) before this returns; a process that goes on
+    (a test, a notebook) leaves the script's threads running.
 
     ``sys.argv`` and ``sys.path[0]`` are put back afterwards.
     """
     saved_argv, saved_path0 = sys.argv[:], sys.path[0] if sys.path else None
+    before = threading.enumerate()
     try:
         try:
             return _run(target, args)
         finally:
-            join_threads()  # also after an exception or sys.exit(), as Python does
+            if exiting:
+                join_threads(before)  # the script's threads, also after an exception or sys.exit()
     finally:
         sys.argv = saved_argv
         if saved_path0 is not None and sys.path:

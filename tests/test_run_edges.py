@@ -19,6 +19,7 @@ import safeopt
 from safeopt.__main__ import main
 from safeopt._observe import GlobalWatch, module_names
 from script_runs import load_json, ok, python, same_params
+from script_runs import run as run_cmd
 from script_runs import safeopt as cli
 
 COMPILED_STEP = """\
@@ -319,3 +320,58 @@ def test_optimizers_dropped_but_not_yet_collected_at_stop_are_reported() -> None
         gc.enable()
     gc.collect()
     assert [s.data["steps"] for s in watch.summaries()] == [1, 1, 1]
+
+
+def test_a_thread_alive_before_the_script_is_not_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only the script's own threads are joined: in a process that had a thread running before
+    (a server, a loader, an earlier test), the command still returns (it hung before)."""
+    import threading
+
+    write(tmp_path, "quick.py", "print('done')\n")
+    release = threading.Event()
+    waiting = threading.Thread(target=release.wait)  # not a daemon, and not the script's
+    waiting.start()
+    result: list[tuple[int, str, str]] = []
+    runner = threading.Thread(
+        target=lambda: result.append(main_in(tmp_path, ["watch", "quick.py"], monkeypatch, capsys)),
+        daemon=True,
+    )
+    try:
+        runner.start()
+        runner.join(60)
+        assert not runner.is_alive(), "watch waited for a thread that was running before the script"
+        assert result[0][:2] == (0, "done\n")
+    finally:
+        release.set()
+        waiting.join()
+
+
+EXECUTOR = """
+import concurrent.futures
+import torch
+
+pool = concurrent.futures.ThreadPoolExecutor(2)  # never shut down: Python ends it at exit
+concurrent.futures.kept = pool  # held by a library (a loader, a cache), not only the script
+p = torch.nn.Parameter(torch.ones(3))
+opt = torch.optim.AdamW([p], lr=0.1)
+for grad in pool.map(lambda i: torch.full((3,), float(i % 2)), range(3)):
+    p.grad = grad
+    opt.step()
+print("trained")
+"""
+
+
+@pytest.mark.parametrize("command", ["watch", "run"])
+def test_a_thread_pool_left_open_ends_as_at_exit(tmp_path: Path, command: str) -> None:
+    """An executor's idle workers end only when Python's exit callbacks tell them to; the command
+    runs those before it waits for the script's threads (it waited forever before)."""
+    import subprocess
+
+    write(tmp_path, "pool.py", EXECUTOR)
+    try:
+        done = ok(run_cmd([sys.executable, "-m", "safeopt", command, "pool.py"], tmp_path, timeout=120))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"safeopt {command} waited for the idle workers of a thread pool")
+    assert done.stdout == "trained\n"
