@@ -93,6 +93,13 @@ def saved_as_is(
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+# The eager shortcut of ``untraced`` on the torches it was tested on (2.11, 2.13, 2.14). On torch
+# 2.6, dynamo tracing the shortcut's wrapper reads the frame callback and crashed the interpreter
+# (a compiled ``opt.step()`` under ``python -m safeopt watch``); older torches take the disabled
+# call every time, as before the shortcut.
+EAGER_SHORTCUT = tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 11)
+
+
 def untraced(fn: _F) -> _F:
     """``fn`` as a call that dynamo (``torch.compile``) runs without tracing it: a clean graph
     break, without the warnings that tracing safeopt's host decision logs (a ``bool()`` of a
@@ -111,7 +118,7 @@ def untraced(fn: _F) -> _F:
     frames = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
     callback = getattr(frames, "get_eval_frame_callback", None)
     compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if callback is None or compiling is None:
+    if callback is None or compiling is None or not EAGER_SHORTCUT:
         return cast(_F, disabled)
 
     @functools.wraps(fn)

@@ -13,7 +13,7 @@ import torch
 
 import harness
 import safeopt
-from safeopt import _rule
+from safeopt import _rule, _torch_compat
 
 
 def _subnormal(dtype: torch.dtype) -> float:
@@ -87,6 +87,10 @@ def test_zero_grads_idle_nonzero_active_in_a_step() -> None:
 # -- the step path: untraced calls ----------------------------------------------------------------
 
 
+@pytest.mark.skipif(
+    not _torch_compat.EAGER_SHORTCUT,
+    reason=f"torch {torch.__version__}: untraced has no eager shortcut before 2.11",
+)
 def test_an_untraced_call_in_eager_sets_no_frame_callback(monkeypatch: pytest.MonkeyPatch) -> None:
     """In eager code (no compiled region running), an ``untraced`` function is called as it is: the
     dynamo-disabled call would set and reset the frame callback around it, several times a step.
@@ -138,6 +142,10 @@ def test_an_untraced_function_runs_untraced_under_compile() -> None:
     assert seen and all(not compiling and callback is None for compiling, callback in seen), seen
 
 
+@pytest.mark.skipif(
+    not _torch_compat.EAGER_SHORTCUT,
+    reason=f"torch {torch.__version__}: untraced has no eager shortcut before 2.11",
+)
 def test_the_eager_shortcut_is_taken_on_this_torch() -> None:
     """Canary: ``untraced`` skips the disabled call in eager code through dynamo's
     ``get_eval_frame_callback``; a torch without it gets the disabled call every time (slower, as
