@@ -13,7 +13,8 @@ dtype, not one per grad:
   turns them into the per-call ``found_inf`` of torch's fused kernels on the device.
 
 The eager step reads once per device per round (``_rule``); the capturable step hands the flags
-to torch's fused kernels as ``found_inf`` (``_capturable``) and never reads them.
+to torch's fused kernels as ``found_inf`` (``_capturable``) and never reads them, written into
+buffers it keeps from step to step (``Flags``: no tensor object made per grad and step).
 """
 
 from __future__ import annotations
