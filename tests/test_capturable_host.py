@@ -209,3 +209,44 @@ def test_capturable_flags_of_two_dtypes() -> None:
         harness.assert_matches_reference(
             opt, params, ref, ref_params, [i for i, a in enumerate(active) if a], f"step {step}"
         )
+
+
+def test_capturable_kernel_failing_in_a_later_group_keeps_the_counts_not_reached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three groups (one ``lazy=False``, whose call is shared): when the call of the second
+    parameter of the last group raises, every parameter stepped before keeps its update and its
+    advanced count, and that parameter and the ones after it are as they were, counts included."""
+    params = harness.make_params([(3,), (4,), (2,), (5,), (3,), (2,), (4,)])
+    opt = safeopt.AdamW(
+        [
+            {"params": params[:2], "lazy": False},
+            {"params": params[2:4]},
+            {"params": params[4:]},
+        ],
+        lr=1e-2,
+        fused=True,
+        capturable=True,
+    )
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = harness.snapshot(opt, params)
+    kernel = torch._fused_adamw_
+    calls: list[int] = []
+
+    def fifth_fails(*args: Any, **kwargs: Any) -> None:
+        calls.append(len(args[0]))
+        if len(calls) == 5:  # the shared call, two of group 1, one of group 2, then this one
+            raise RuntimeError("kernel failed")
+        kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", fifth_fails)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        opt.step()
+    monkeypatch.undo()
+    assert calls == [2, 1, 1, 1, 1]
+    harness.assert_unchanged(before, opt, params, [5, 6], "from the failing call on")
+    for i in range(5):
+        assert float(opt.state[params[i]]["step"]) == 2.0, f"param {i}"
+        assert not harness.bit_equal(params[i].detach(), before[i][0]), f"param {i} not stepped"
