@@ -260,9 +260,12 @@ def _fused_adam_step(
             lists = [named[name] for name in ADAM_LISTS]  # type: ignore[index]  # fused_adam_kernel checked the class
             gathered.append((group, kernel, len(entry.always), lists))
             flagged_grads += lists[1][len(entry.always) :]
-    flags = _FLAGS.get(optimizer)
-    if flags is None:
-        flags = _FLAGS[optimizer] = _device.Flags()
+    try:
+        flags = _FLAGS.get(optimizer)
+        if flags is None:
+            flags = _FLAGS[optimizer] = _device.Flags()
+    except TypeError:  # a class that is not hashable (its own __eq__): flags made for this step
+        flags = _device.Flags()
     capacity = sum(len(group["params"]) for group in groups)
     skips, advances = flags.found_inf(flagged_grads, scaler_found_inf, capacity=capacity)
     # torch's _fused_adam advances a call's step counts by one before the kernel and takes its

@@ -250,3 +250,33 @@ def test_capturable_kernel_failing_in_a_later_group_keeps_the_counts_not_reached
     for i in range(5):
         assert float(opt.state[params[i]]["step"]) == 2.0, f"param {i}"
         assert not harness.bit_equal(params[i].detach(), before[i][0]), f"param {i} not stepped"
+
+
+class _ComparedAdamW(torch.optim.AdamW):
+    """A subclass with an ``__eq__`` of its own, which makes it unhashable."""
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+def test_capturable_step_of_an_unhashable_optimizer() -> None:
+    """The flags are kept per optimizer object; one that cannot be a dict key gets flags made for
+    each step, with the same result as torch."""
+    params = harness.make_params([(3,), (4,)])
+    opt = safeopt.wrap(_ComparedAdamW(params, lr=1e-2, fused=True, capturable=True))
+    ref_params = [nn.Parameter(p.detach().clone()) for p in params]
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, fused=True, capturable=True)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        grads = [
+            torch.randn(p.shape, generator=gen) if i != step % 2 else torch.zeros_like(p)
+            for i, p in enumerate(params)
+        ]
+        active = [i != step % 2 for i in range(2)]
+        for p, g in zip(params, grads):
+            p.grad = g
+        before = harness.snapshot(opt, params)
+        opt.step()
+        harness.reference_step(ref, ref_params, grads, active)
+        harness.assert_unchanged(before, opt, params, [step % 2], f"step {step}")
+        harness.assert_matches_reference(opt, params, ref, ref_params, [1 - step % 2], f"step {step}")
