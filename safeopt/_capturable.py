@@ -26,7 +26,8 @@ parameter with a grad stays in torch's step and decides for itself on the device
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -228,6 +229,10 @@ class _OnDevice:
         return self.by_device[device]
 
 
+# The flags of each optimizer's capturable step, kept from step to step (_device.Flags).
+_FLAGS: weakref.WeakKeyDictionary[torch.optim.Optimizer, _device.Flags] = weakref.WeakKeyDictionary()
+
+
 def _fused_adam_step(
     optimizer: torch.optim.Optimizer,
     groups: list[dict[str, Any]],
@@ -240,7 +245,8 @@ def _fused_adam_step(
     ``_foreach_add_``: N + a constant kernel launches, no host read.
 
     The same kernels with the same arguments as ``torch.optim.adam._fused_adam``: the kernel
-    updates every tensor of a call on its own, so the calls split give torch's bits.
+    updates every tensor of a call on its own, so the calls split give torch's bits. The calls
+    per parameter are made in a loop of their own, the host time of a step being mostly theirs.
     """
     capture_health_check(optimizer)
     scaler_found_inf = getattr(optimizer, "found_inf", None)
@@ -254,19 +260,28 @@ def _fused_adam_step(
             lists = [named[name] for name in ADAM_LISTS]  # type: ignore[index]  # fused_adam_kernel checked the class
             gathered.append((group, kernel, len(entry.always), lists))
             flagged_grads += lists[1][len(entry.always) :]
-    skips, advances = _device.found_inf(flagged_grads, scaler_found_inf)
-    # Every call: the kernel with the group's options, its lists, lr, grad_scale and found_inf.
+    try:
+        flags = _FLAGS.get(optimizer)
+        if flags is None:
+            flags = _FLAGS[optimizer] = _device.Flags()
+    except TypeError:  # a class that is not hashable (its own __eq__): flags made for this step
+        flags = _device.Flags()
+    capacity = sum(len(group["params"]) for group in groups)
+    skips, advances = flags.found_inf(flagged_grads, scaler_found_inf, capacity=capacity)
     # torch's _fused_adam advances a call's step counts by one before the kernel and takes its
     # found_inf off them after; a kernel that skips reads no count, so each count is advanced by
     # one minus its call's found_inf instead, every count in one multi-tensor op (one launch on
     # one device; torch's foreach ops take several devices too).
-    calls: list[tuple[Callable[..., None], list[list[Tensor]], Any, Tensor | None, Tensor | None]] = []
+    shared: list[tuple[Callable[..., None], list[list[Tensor]], Any, Tensor | None, Tensor | None]] = []
+    single: list[
+        tuple[Callable[..., None], dict[str, Any], Any, _OnDevice | None, list[list[Tensor]], Any]
+    ] = []
     counts: list[Tensor] = []  # the step counts advanced by one
     flagged_counts: list[Tensor] = []  # those advanced by one minus their found_inf (advances)
     flagged_advances: list[Tensor] = []
     k = 0
     for group, kernel, always, lists in gathered:
-        call = functools.partial(kernel, **fused_adam_options(group))
+        options = fused_adam_options(group)
         lr = group["lr"]
         # _fused_adam moves only an accelerator lr to each device
         lr_on = _OnDevice(lr) if isinstance(lr, Tensor) and lr.device.type != "cpu" else None
@@ -276,51 +291,41 @@ def _fused_adam_step(
         for (device, _), members in kinds.items():
             some = [[t[i] for i in members] if t else [] for t in lists]
             skip = found_inf.on(device)
-            calls.append((call, some, lr if lr_on is None else lr_on.on(device), grad_scale.on(device), skip))
+            call = functools.partial(kernel, **options)
+            shared.append(
+                (call, some, lr if lr_on is None else lr_on.on(device), grad_scale.on(device), skip)
+            )
             if skip is None:
                 counts += some[-1]
             else:
                 flagged_counts += some[-1]
                 flagged_advances += [1 - skip] * len(members)
         n = len(lists[0]) - always
-        flags = skips[k : k + n]
-        flagged_advances += advances[k : k + n]
-        k += n
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = (t[always:] for t in lists)
-        flagged_counts += steps
-        per_device = lr_on is not None or grad_scale.value is not None
-        for p, g, m, v, mx, count, skip in zip(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or steps, steps, flags
-        ):
-            one = [
-                [p],
-                [g],
-                [m],
-                [v],
-                [mx] if max_exp_avg_sqs else [],
-                [count],
-            ]  # mx: a stand-in without amsgrad
-            if per_device:
-                device = skip.device
-                calls.append(
-                    (call, one, lr if lr_on is None else lr_on.on(device), grad_scale.on(device), skip)
-                )
-            else:
-                calls.append((call, one, lr, None, skip))
+        if n:
+            flagged_counts += lists[-1][always:]
+            flagged_advances += advances[k : k + n]
+            single.append((kernel, options, lr, lr_on, [t[always:] for t in lists], skips[k : k + n]))
+            k += n
     with torch.no_grad():
         if counts:
             torch._foreach_add_(counts, 1)
         if flagged_counts:
             torch._foreach_add_(flagged_counts, flagged_advances)
-        done = 0
+        shared_done = single_done = 0
+        at = [0]  # the failed call of the group that failed, set by _per_parameter
         try:
-            for kernel_call, one, lr, scale, skip in calls:
-                kernel_call(*one, lr=lr, grad_scale=scale, found_inf=skip)
-                done += 1
+            for shared_call, some, lr, scale, skip in shared:
+                shared_call(*some, lr=lr, grad_scale=scale, found_inf=skip)
+                shared_done += 1
+            for kernel, options, lr, lr_on, lists, group_skips in single:
+                _per_parameter(kernel, options, lr, lr_on, grad_scale, lists, group_skips, at)
+                single_done += 1
         except BaseException:
             # The parameters whose call did not run keep their step counts (those already
             # stepped keep their update, as after torch's step failing on a later device).
-            pending = {id(count) for _, one, _, _, _ in calls[done:] for count in one[-1]}
+            pending = {id(c) for _, some, _, _, _ in shared[shared_done:] for c in some[-1]}
+            for j, (*_, lists, _) in enumerate(single[single_done:]):
+                pending.update(id(c) for c in lists[-1][at[0] if j == 0 else 0 :])
             for c in counts:
                 if id(c) in pending:
                     c.sub_(1)
@@ -328,3 +333,47 @@ def _fused_adam_step(
                 if id(c) in pending:
                     c.sub_(a)
             raise
+
+
+def _per_parameter(
+    kernel: Callable[..., None],
+    options: dict[str, Any],
+    lr: Any,
+    lr_on: _OnDevice | None,
+    grad_scale: _OnDevice,
+    lists: list[list[Tensor]],
+    skips: Sequence[Tensor],
+    at: list[int],
+) -> None:
+    """The kernel called once per parameter of ``lists`` (torch's six lists), each with its own
+    ``found_inf`` of ``skips``: the loop that most of a step's host time is spent in, kept to the
+    calls. When a call raises, its index is put in ``at``."""
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
+    amsgrad = options["amsgrad"]
+    i = 0
+    try:
+        if lr_on is None and grad_scale.value is None:
+            for i, (p, g, m, v, mx, count, skip) in enumerate(
+                zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or steps, steps, skips)
+            ):
+                kernel([p], [g], [m], [v], [mx] if amsgrad else [], [count], lr=lr, found_inf=skip, **options)
+        else:  # per device, as _fused_adam moves them
+            for i, (p, g, m, v, mx, count, skip) in enumerate(
+                zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or steps, steps, skips)
+            ):
+                device = skip.device
+                kernel(
+                    [p],
+                    [g],
+                    [m],
+                    [v],
+                    [mx] if amsgrad else [],
+                    [count],
+                    lr=lr if lr_on is None else lr_on.on(device),
+                    grad_scale=grad_scale.on(device),
+                    found_inf=skip,
+                    **options,
+                )
+    except BaseException:
+        at[0] = i
+        raise

@@ -13,7 +13,8 @@ dtype, not one per grad:
   turns them into the per-call ``found_inf`` of torch's fused kernels on the device.
 
 The eager step reads once per device per round (``_rule``); the capturable step hands the flags
-to torch's fused kernels as ``found_inf`` (``_capturable``) and never reads them.
+to torch's fused kernels as ``found_inf`` (``_capturable``) and never reads them, written into
+buffers it keeps from step to step (``Flags``: no tensor object made per grad and step).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["decidable", "found_inf", "nonzero", "nonzero_on_host", "probe_on_host"]
+__all__ = ["Flags", "decidable", "found_inf", "nonzero", "nonzero_on_host", "probe_on_host"]
 
 
 def decidable(grad: Tensor) -> bool:
@@ -102,6 +103,66 @@ def found_inf(grads: Sequence[Tensor], otherwise: Tensor | None) -> tuple[list[T
             skips[i] = flag
             advances[i] = advance
     return skips, advances  # type: ignore[return-value]  # every position was filled
+
+
+class _Slots:
+    """One device's flag buffers and the 0-d views of their elements, made once."""
+
+    __slots__ = ("advance_views", "advances", "one", "size", "skip_views", "skips")
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.size = size
+        self.skips = torch.zeros(size, dtype=torch.float32, device=device)
+        self.advances = torch.zeros(size, dtype=torch.float32, device=device)
+        self.one = torch.ones((), dtype=torch.float32, device=device)
+        self.skip_views = self.skips.unbind()
+        self.advance_views = self.advances.unbind()
+
+
+class Flags:
+    """``found_inf`` into buffers kept from step to step, for one optimizer's capturable step.
+
+    The answer is the same, but the 0-d tensors handed out are views made once of one buffer per
+    device, rewritten each step: making a tensor object per grad (``unbind``) costs as much host
+    time as the norms. A captured CUDA graph then writes the flags where its replays read them.
+    A buffer grows when a step has more grads than it holds; the old one is kept while this object
+    lives (a graph captured earlier may still write into it). Grads of several devices or dtypes,
+    complex or not strided are decided by :func:`found_inf` itself.
+    """
+
+    __slots__ = ("_by_device", "_retired")
+
+    def __init__(self) -> None:
+        self._by_device: dict[torch.device, _Slots] = {}
+        self._retired: list[_Slots] = []
+
+    def found_inf(
+        self, grads: list[Tensor], otherwise: Tensor | None, *, capacity: int = 0
+    ) -> tuple[Sequence[Tensor], Sequence[Tensor]]:
+        """:func:`found_inf`'s flags (views of buffers rewritten by the next call). Four kernels
+        (norms, stack, two compares), five with ``otherwise``; a new buffer holds at least
+        ``capacity`` grads."""
+        n = len(grads)
+        kinds = {(g.device, g.dtype, g.layout) for g in grads}
+        if len(kinds) != 1:
+            return found_inf(grads, otherwise)
+        ((device, dtype, layout),) = kinds
+        if layout is not torch.strided or not dtype.is_floating_point:  # complex or integer too
+            return found_inf(grads, otherwise)
+        slots = self._by_device.get(device)
+        if slots is None or slots.size < n:
+            if slots is not None:
+                self._retired.append(slots)
+            slots = self._by_device[device] = _Slots(max(n, capacity), device)
+        norms = torch.stack(torch._foreach_norm(grads, ord=1))  # zero exactly when every element is
+        skips, advances = slots.skips[:n], slots.advances[:n]
+        if otherwise is None:
+            torch.eq(norms, 0, out=skips)
+            torch.ne(norms, 0, out=advances)  # one minus the flag, exactly: NaN is not 0
+        else:
+            torch.where(norms.eq(0), slots.one, otherwise.to(device, torch.float32), out=skips)
+            torch.sub(slots.one, skips, out=advances)
+        return slots.skip_views[:n], slots.advance_views[:n]
 
 
 def _on_host(values: Sequence[Tensor]) -> list[bool]:
