@@ -10,10 +10,27 @@ Python), every one active, on the CPU. For each count of tensors, torch's step a
 step copies of the same parameters with the same grads, in one process: many short rounds (a
 block of a few steps of each, the order alternating round by round), each timed by the thread's
 CPU clock (``time.thread_time_ns``: a thread waiting for a core shared with other jobs is not
-counted; ``--clock wall`` for ``perf_counter_ns``). The added cost is the median over rounds of
-safeopt's time minus torch's; a least-squares line through (tensors, added cost) gives the fixed
-cost (intercept, µs a step) and the cost a tensor (slope, µs). The target of the GPU issue: at
-most ~30 µs + ~0.3 µs a tensor. Writes ``<out>/fixed_cost.json`` and ``fixed_cost.md``.
+counted; ``--clock wall`` for ``perf_counter_ns``). The added cost at a count is the median over
+rounds of safeopt's time minus torch's, with its standard error (1.2533 x the rounds' spread, the
+median absolute deviation x 1.4826, over the square root of the rounds).
+
+A line through (tensors, added cost) gives the fixed cost (intercept, µs a step) and the cost a
+tensor (slope, µs), fitted two ways, both reported from the same run:
+
+- weighted least squares, each point weighted by one over its squared standard error (the
+  estimator the summary leads with). The noise of a round is mostly the noise of torch's own
+  step, which grows with the count: at 256 tensors torch's forloop step is about 5.7 ms, and 1%
+  of it is 57 µs, more than the whole fixed cost; at 1 tensor it is about 40 µs. An unweighted
+  fit lets the 256-tensor point, the noisiest, set the intercept almost alone (the intercept of
+  an unweighted line through 1, 16, 64 and 256 is mostly an extrapolation from the large
+  counts); weighting by the measured precision of each point is the minimum-variance linear
+  estimate when the points are independent, and gives each estimate a standard error, printed
+  beside it.
+- ordinary least squares, unweighted (the estimator of earlier runs, kept for comparison).
+
+The raw points (the median added cost, its standard error and torch's step at every count) are
+in the tables and the JSON. The target of the GPU issue: at most ~30 µs + ~0.3 µs a tensor.
+Writes ``<out>/fixed_cost.json`` and ``fixed_cost.md``.
 """
 
 from __future__ import annotations
@@ -68,20 +85,38 @@ def measure(n: int, impl: str, rounds: int, clock: Callable[[], int]) -> dict[st
         t = {name: _block(sides[name], steps, clock) for name in order}
         torch_times.append(t["torch"])
         added.append(t["safeopt"] - t["torch"])
+    median = statistics.median(added)
+    spread = 1.4826 * statistics.median(abs(a - median) for a in added)  # robust standard deviation
     return {
         "tensors": n,
         "torch_us": statistics.median(torch_times),
-        "added_us": statistics.median(added),
+        "added_us": median,
+        "added_se_us": max(1.2533 * spread / rounds**0.5, 1e-3),  # standard error of the median
     }
 
 
-def fit(points: list[dict[str, float]]) -> tuple[float, float]:
-    """Least-squares intercept and slope of added_us against tensors."""
+def fit(points: list[dict[str, float]], *, weighted: bool) -> dict[str, float]:
+    """Intercept and slope of added_us against tensors, with their standard errors: weighted by one
+    over each point's squared standard error, or unweighted (standard errors from the residuals)."""
     xs = [p["tensors"] for p in points]
     ys = [p["added_us"] for p in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return my - slope * mx, slope
+    ws = [1 / p["added_se_us"] ** 2 if weighted else 1.0 for p in points]
+    sw = sum(ws)
+    mx = sum(w * x for w, x in zip(ws, xs)) / sw
+    my = sum(w * y for w, y in zip(ws, ys)) / sw
+    sxx = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs))
+    slope = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys)) / sxx
+    intercept = my - slope * mx
+    # Weighted: the weights are the points' precisions. Unweighted: the residuals' variance.
+    scale = 1.0
+    if not weighted:
+        scale = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys)) / max(len(xs) - 2, 1)
+    return {
+        "fixed_us": intercept,
+        "fixed_se_us": (scale * (1 / sw + mx**2 / sxx)) ** 0.5,
+        "per_tensor_us": slope,
+        "per_tensor_se_us": (scale / sxx) ** 0.5,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,16 +136,30 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results = {}
     lines = [
-        "| implementation | tensors | torch step (µs) | added by safeopt (µs) |",
-        "|---|---|---|---|",
+        "| implementation | tensors | torch step (µs) | added by safeopt (µs) | its standard error (µs) |",
+        "|---|---|---|---|---|",
     ]
-    summary = ["| implementation | fixed (µs a step) | per tensor (µs) |", "|---|---|---|"]
+    summary = [
+        (
+            "| implementation | fixed (µs a step), weighted | per tensor (µs), weighted "
+            "| fixed, unweighted | per tensor, unweighted |"
+        ),
+        "|---|---|---|---|---|",
+    ]
     for impl in impls:
         points = [measure(n, impl, rounds, clock) for n in COUNTS]
-        intercept, slope = fit(points)
-        results[impl] = {"points": points, "fixed_us": intercept, "per_tensor_us": slope}
-        lines += [f"| {impl} | {p['tensors']} | {p['torch_us']:.1f} | {p['added_us']:.1f} |" for p in points]
-        summary.append(f"| {impl} | {intercept:.1f} | {slope:.2f} |")
+        wls, ols = fit(points, weighted=True), fit(points, weighted=False)
+        results[impl] = {"points": points, "weighted": wls, "unweighted": ols}
+        lines += [
+            f"| {impl} | {p['tensors']} | {p['torch_us']:.1f} | {p['added_us']:.1f} | {p['added_se_us']:.1f} |"
+            for p in points
+        ]
+        summary.append(
+            f"| {impl} | {wls['fixed_us']:.1f} ± {wls['fixed_se_us']:.1f} "
+            f"| {wls['per_tensor_us']:.2f} ± {wls['per_tensor_se_us']:.2f} "
+            f"| {ols['fixed_us']:.1f} ± {ols['fixed_se_us']:.1f} "
+            f"| {ols['per_tensor_us']:.2f} ± {ols['per_tensor_se_us']:.2f} |"
+        )
         print(summary[-1], file=sys.stderr)
     meta = {
         "date": time.strftime("%Y-%m-%d"),

@@ -5,7 +5,9 @@ torch's ``step()`` visits ``group["params"]``. It runs on a twin of the optimize
 kernels (forloop, foreach, fused, capturable) run unchanged on exactly those, and the
 parameters left out are not touched at all: not their values, not their state, not
 their grads. The optimizer's own groups stay whole: another thread calling
-``state_dict()`` meanwhile sees what it would see between steps.
+``state_dict()`` meanwhile sees what it would see between steps. When every parameter is
+active, the optimizer's own groups already list exactly those: torch's step runs on the
+optimizer itself, and no twin is made (a few microseconds a step, ``tests/test_cost_step.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def lazy_step(
     """Run ``step(opt)``, torch's step on ``opt``, on the active parameters only.
 
     ``hide`` says how the step is kept from the inactive parameters: ``"params"`` hands ``step``
-    a twin of the optimizer whose groups list only the active ones (``_torch_compat.twin``);
+    a twin of the optimizer whose groups list only the active ones (``_torch_compat.twin``), or
+    the optimizer itself when every parameter of every group is active, in one batch;
     ``"grads"`` hands it the optimizer itself, every list as it is, and sets the grad of each
     inactive parameter to None for the call (positions in the group stay what the optimizer
     was built with; the grads are put back, the same objects, afterwards).
@@ -61,13 +64,9 @@ def lazy_step(
             loss = closure()
 
     groups = _rule.with_flags(groups, optimizer.defaults)
+    compiling = torch.compiler.is_compiling()
     # Traced by dynamo: the decision on the device, so the graph does not depend on the active set.
-    if (
-        torch.compiler.is_compiling()
-        and before is None
-        and not pass_closure
-        and _compiled.applies(optimizer, groups, step)
-    ):
+    if compiling and before is None and not pass_closure and _compiled.applies(optimizer, groups, step):
         _compiled.step(optimizer, step)
         return loss
     rows = any(group[_rule.LAZY] == _row_rule.ROWS for group in groups)
@@ -111,8 +110,23 @@ def lazy_step(
             raise ValueError(
                 'hide="grads" cannot step gathered rows (lazy="rows"): they are not in the group'
             )
+        active_steps = [batches(optimizer, group, plan.active) for group, plan in zip(groups, plans)]
+        # Every parameter of every group active, in one batch of torch's: torch's step on the
+        # optimizer itself visits what a twin's groups would list (the same parameters in the same
+        # order), so no twin is made. Not while dynamo traces: the compiled step is guarded on the
+        # object it steps, which stays the twin.
+        whole = (
+            hide == "params"
+            and not gathered
+            and not pass_closure
+            and not compiling
+            and all(
+                len(steps) == 1 and len(steps[0]) == len(group["params"])
+                for group, steps in zip(groups, active_steps)
+            )
+        )
         target = optimizer
-        if hide == "params":
+        if hide == "params" and not whole:
             twin = target = _torch_compat.twin(optimizer, groups)
             if gathered:
                 vars(twin)["state"] = by_rows.view(optimizer.state)  # type: ignore[union-attr]  # gathered: by_rows is set
@@ -128,8 +142,8 @@ def lazy_step(
         # them starts its momentum buffer, as a bucket of rows often does; the group's whole parameters
         # must not depend on that.
         rounds: list[list[list[torch.Tensor]]] = []
-        for group, plan, extra in zip(groups, plans, buckets):
-            steps = batches(optimizer, group, plan.active) + (batches(target, group, extra) if extra else [])
+        for group, steps, extra in zip(groups, active_steps, buckets):
+            steps = steps + batches(target, group, extra) if extra else steps
             rounds.append([batch for batch in steps if batch] or [[]])
         after = before(plans) if before is not None else None
         all_params = [group["params"] for group in groups]
@@ -154,8 +168,9 @@ def lazy_step(
                 if pass_closure:
                     stepping = {id(p) for plan in plans for p in plan.active}
                     hidden = [p for params in all_params for p in params if id(p) not in stepping]
-                for shadow, batch in zip(twin.param_groups, rounds):
-                    shadow["params"] = batch[r] if r < len(batch) else []
+                if twin is not None:
+                    for shadow, batch in zip(twin.param_groups, rounds):
+                        shadow["params"] = batch[r] if r < len(batch) else []
             for p in hidden:
                 p.grad = None if hide == "grads" else p.grad
             if pass_closure:
@@ -176,8 +191,9 @@ def lazy_step(
         stepped = True
         _amp.forget_if_skipped(optimizer, skippable)
     finally:
-        if stepped and twin is not None and not held and not guarded and by_rows is None and after is None:
-            _torch_compat.settle(optimizer, twin, groups, own=("state",))  # the usual step: all to put back
+        if stepped and not held and not guarded and by_rows is None and after is None:
+            if twin is not None:  # the usual step: all there is to put back
+                _torch_compat.settle(optimizer, twin, groups, own=("state",))
         else:
             _all(
                 None
