@@ -28,11 +28,12 @@ import torch
 
 from safeopt import _rows
 from safeopt._rule import GroupPlan
-from safeopt._torch_compat import MOMENTUM_BUFFER, STEP, state_made_at_first_step
+from safeopt._torch_compat import MOMENTUM_BUFFER, STEP, state_made_at_first_step, untraced
 
-__all__ = ["FRESH_PARAMS", "Fresh", "loaded", "prepare", "remark", "saved", "undo"]
+__all__ = ["FRESH_PARAMS", "Fresh", "amsgrad_unstarted", "loaded", "prepare", "remark", "saved", "undo"]
 
 FRESH_PARAMS = "fresh_params"  # in a state_dict's SGD groups: positions whose buffer is a placeholder
+MAX_EXP_AVG_SQ = "max_exp_avg_sq"  # Adam's and AdamW's, made with the state when amsgrad is on
 
 
 class Fresh(dict):  # type: ignore[type-arg]  # torch's per-parameter state: str keys, any values
@@ -65,7 +66,10 @@ def prepare(
     # none among the parameters they update.
     fresh = {id(p) for p, entry in state.items() if type(entry) is Fresh}
     dropped: Dropped = []
+    adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
     for group, plan in zip(groups, plans):
+        if adam and group.get("amsgrad"):
+            _drop_unmarked(state, group, plan, dropped)
         if fresh:
             for p in _stepped(plan):
                 if id(p) in fresh:
@@ -75,6 +79,37 @@ def prepare(
         if plan.idle_with_grad:
             _allocate(optimizer, group, [p for p in plan.idle_with_grad if not state.get(p)])
     return dropped
+
+
+def _drop_unmarked(state: Any, group: dict[str, Any], plan: GroupPlan, dropped: Dropped) -> None:
+    """Drop, as fresh, the state of a parameter this step updates that a compiled step made while
+    it was idle (``safeopt/_compiled.py``: not marked :class:`Fresh`, which a select on the device
+    cannot decide) and that lacks ``max_exp_avg_sq`` because ``amsgrad`` was switched on since:
+    torch's ``_init_group`` would raise ``KeyError`` on it, and makes it anew on a new parameter.
+    State of a parameter that was updated (``step`` above 0) stays, and torch raises as it does."""
+    for p in _stepped(plan):
+        entry = state.get(p)
+        if entry and type(entry) is not Fresh and MAX_EXP_AVG_SQ not in entry and _never_updated(entry):
+            dropped.append((p, entry))
+            state[p] = {}
+
+
+@untraced  # a host read of a step count, rare (amsgrad switched on): no graph guarded on it
+def _never_updated(entry: dict[str, Any]) -> bool:
+    step = entry.get(STEP)
+    return step is not None and float(step) == 0
+
+
+@untraced  # reads the state: traced, dynamo would guard on its keys and compile again when it appears
+def amsgrad_unstarted(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
+    """Whether a parameter with a grad in ``group`` (amsgrad on) has state without
+    ``max_exp_avg_sq``: state made before ``amsgrad`` was switched on. The compiled path leaves
+    such a step to the host (:func:`prepare` drops it where no update used it)."""
+    state = optimizer.state
+    return any(
+        p.grad is not None and (entry := state.get(p)) and MAX_EXP_AVG_SQ not in entry
+        for p in group["params"]
+    )
 
 
 def undo(optimizer: torch.optim.Optimizer, dropped: Dropped) -> None:
