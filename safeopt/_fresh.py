@@ -65,11 +65,10 @@ def prepare(
     # One walk over the state by items (no tensor hashed) finds the fresh entries; most steps have
     # none among the parameters they update.
     fresh = {id(p) for p, entry in state.items() if type(entry) is Fresh}
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and any(g.get("amsgrad") for g in groups):
+        fresh |= _unmarked(state)
     dropped: Dropped = []
-    adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
     for group, plan in zip(groups, plans):
-        if adam and group.get("amsgrad"):
-            _drop_unmarked(state, group, plan, dropped)
         if fresh:
             for p in _stepped(plan):
                 if id(p) in fresh:
@@ -81,17 +80,18 @@ def prepare(
     return dropped
 
 
-def _drop_unmarked(state: Any, group: dict[str, Any], plan: GroupPlan, dropped: Dropped) -> None:
-    """Drop, as fresh, the state of a parameter this step updates that a compiled step made while
-    it was idle (``safeopt/_compiled.py``: not marked :class:`Fresh`, which a select on the device
-    cannot decide) and that lacks ``max_exp_avg_sq`` because ``amsgrad`` was switched on since:
-    torch's ``_init_group`` would raise ``KeyError`` on it, and makes it anew on a new parameter.
-    State of a parameter that was updated (``step`` above 0) stays, and torch raises as it does."""
-    for p in _stepped(plan):
-        entry = state.get(p)
-        if entry and type(entry) is not Fresh and MAX_EXP_AVG_SQ not in entry and _never_updated(entry):
-            dropped.append((p, entry))
-            state[p] = {}
+def _unmarked(state: Any) -> set[int]:
+    """The ids of the parameters whose state a compiled step made while they were idle (not marked
+    :class:`Fresh`: ``safeopt/_compiled.py`` selects on the device, and cannot mark it) and that
+    lack ``max_exp_avg_sq``, ``amsgrad`` having been switched on since: dropped as fresh state is
+    at the first update, where torch's ``_init_group`` would raise ``KeyError`` on them and makes
+    state anew for a new parameter. State that an update used (``step`` above 0) stays, and torch
+    raises on it as it does. One walk by items, as for the fresh entries."""
+    return {
+        id(p)
+        for p, entry in state.items()
+        if entry and type(entry) is not Fresh and MAX_EXP_AVG_SQ not in entry and _never_updated(entry)
+    }
 
 
 @untraced  # a host read of a step count, rare (amsgrad switched on): no graph guarded on it
