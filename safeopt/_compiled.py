@@ -32,7 +32,7 @@ from torch import Tensor
 
 from safeopt import _fresh, _rule
 from safeopt._row_rule import ROWS
-from safeopt._torch_compat import init_group, torch_step_fn, without_grad_mode
+from safeopt._torch_compat import forget_float_specializations, init_group, torch_step_fn, without_grad_mode
 
 __all__ = ["applies", "step"]
 
@@ -69,7 +69,10 @@ def step(optimizer: torch.optim.Optimizer, torch_step: Callable[..., Any]) -> No
     prev = torch.is_grad_enabled()
     try:
         torch.set_grad_enabled(False)
-        torch._dynamo.graph_break()
+        # The graph break, and what dynamo recorded for the frame before it forgotten: a group's
+        # float lr stays a dynamic input here, as in torch's own compiled step (not a value
+        # guarded on, compiled again for each new lr).
+        forget_float_specializations()
         _select_step(optimizer, without_grad_mode(torch_step))
     finally:
         torch._dynamo.graph_break()

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import safeopt
 from harness import assert_unchanged, bit_equal, snapshot
@@ -132,3 +133,60 @@ def test_amsgrad_switched_on_after_real_updates_still_raises_torchs_error() -> N
         step()
     with pytest.raises(KeyError, match="max_exp_avg_sq"):
         opt.step()
+
+
+@pytest.mark.parametrize("make", ["twin", "wrap"])
+def test_an_lr_scheduler_keeps_the_compiled_forloop_step_to_torchs_graphs(make: str) -> None:
+    """A float lr changed every step by a scheduler, forloop AdamW with weight decay compiled with
+    ``aot_eager``, one parameter idle every other step: torch's class compiled the same way makes
+    the lr a dynamic input after one recompilation, and so does safeopt's step now, bit-identical
+    to it at every step, past dynamo's recompile limit too. Before the fix safeopt's step compiled
+    again for every lr (dynamo's record of a float to specialize, made in the frame before the
+    compiled step's graph break, leaked into it), and past the limit (8) ran eagerly: not torch's
+    compiled bits."""
+    params, ref_params = two_by_two_and_a_vector(), two_by_two_and_a_vector()
+    kwargs: dict[str, Any] = {"lr": 0.1, "weight_decay": 0.1, "foreach": False}
+    opt: Any = (
+        safeopt.AdamW(params, **kwargs)
+        if make == "twin"
+        else safeopt.wrap(torch.optim.AdamW(params, **kwargs))
+    )
+    ref = torch.optim.AdamW(ref_params, **kwargs)
+    schedulers = [torch.optim.lr_scheduler.ExponentialLR(o, 0.9) for o in (opt, ref)]
+    counter, ref_counter = CompileCounterWithBackend("aot_eager"), CompileCounterWithBackend("aot_eager")
+    step = torch.compile(opt.step, backend=counter)
+    ref_step = torch.compile(ref.step, backend=ref_counter)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(11):
+        g0, g1 = torch.randn(2, 2, generator=gen), torch.randn(4, generator=gen)
+        idle = i % 2 == 1
+        params[0].grad, params[1].grad = g0.clone(), torch.zeros(4) if idle else g1.clone()
+        ref_params[0].grad, ref_params[1].grad = g0.clone(), None if idle else g1.clone()
+        before = snapshot(opt, params)
+        step()
+        ref_step()
+        for scheduler in schedulers:
+            scheduler.step()
+        assert bit_equal(params[0].detach(), ref_params[0].detach()), f"step {i}: param 0 differs from torch"
+        if idle:
+            assert_unchanged(before, opt, params, [1], f"step {i}")
+        else:
+            assert bit_equal(params[1].detach(), ref_params[1].detach()), (
+                f"step {i}: param 1 differs from torch"
+            )
+    assert counter.frame_count <= ref_counter.frame_count + 1, (
+        f"safeopt's step compiled {counter.frame_count} graphs, torch's {ref_counter.frame_count}"
+    )
+
+
+def test_the_seam_clears_dynamos_record_of_floats_to_specialize() -> None:
+    """``_torch_compat.forget_float_specializations`` leans on dynamo's private ``TensorifyState``:
+    a torch that renames it fails here (the scheduler test above would then fail too)."""
+    from torch._dynamo.symbolic_convert import TensorifyState
+
+    from safeopt._torch_compat import forget_float_specializations
+
+    TensorifyState.specialize("zf_probe")
+    assert TensorifyState.should_specialize("zf_probe")
+    forget_float_specializations()
+    assert not TensorifyState.should_specialize("zf_probe")
