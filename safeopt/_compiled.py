@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from safeopt import _rule
+from safeopt import _fresh, _rule
 from safeopt._row_rule import ROWS
-from safeopt._torch_compat import init_group, torch_step_fn, without_grad_mode
+from safeopt._torch_compat import forget_float_specializations, init_group, torch_step_fn, without_grad_mode
 
 __all__ = ["applies", "step"]
 
@@ -41,11 +41,16 @@ def applies(
     optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]], torch_step: Callable[..., Any]
 ) -> bool:
     """Whether :func:`step` takes this step: torch's own non-fused Adam or AdamW step, no group
-    ``differentiable`` or with ``lazy="rows"``, every grad a plain strided tensor."""
+    ``differentiable`` or with ``lazy="rows"``, every grad a plain strided tensor, and no state
+    without ``max_exp_avg_sq`` in a group with ``amsgrad`` (switched on since it was made)."""
     if torch_step_fn(optimizer, torch_step) is None:
         return False
     for group in groups:
         if group.get("fused") or group.get("differentiable") or group[_rule.LAZY] == ROWS:
+            return False
+        # amsgrad switched on after a parameter's state was made: torch's _init_group raises on it,
+        # and the host tells state no update used (made while idle) from the rest.
+        if group.get("amsgrad") and _fresh.amsgrad_unstarted(optimizer, group):
             return False
         for p in group["params"]:
             grad = p.grad
@@ -64,7 +69,10 @@ def step(optimizer: torch.optim.Optimizer, torch_step: Callable[..., Any]) -> No
     prev = torch.is_grad_enabled()
     try:
         torch.set_grad_enabled(False)
-        torch._dynamo.graph_break()
+        # The graph break, and what dynamo recorded for the frame before it forgotten: a group's
+        # float lr stays a dynamic input here, as in torch's own compiled step (not a value
+        # guarded on, compiled again for each new lr).
+        forget_float_specializations()
         _select_step(optimizer, without_grad_mode(torch_step))
     finally:
         torch._dynamo.graph_break()

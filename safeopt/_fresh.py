@@ -28,11 +28,12 @@ import torch
 
 from safeopt import _rows
 from safeopt._rule import GroupPlan
-from safeopt._torch_compat import MOMENTUM_BUFFER, STEP, state_made_at_first_step
+from safeopt._torch_compat import MOMENTUM_BUFFER, STEP, state_made_at_first_step, untraced
 
-__all__ = ["FRESH_PARAMS", "Fresh", "loaded", "prepare", "remark", "saved", "undo"]
+__all__ = ["FRESH_PARAMS", "Fresh", "amsgrad_unstarted", "loaded", "prepare", "remark", "saved", "undo"]
 
 FRESH_PARAMS = "fresh_params"  # in a state_dict's SGD groups: positions whose buffer is a placeholder
+MAX_EXP_AVG_SQ = "max_exp_avg_sq"  # Adam's and AdamW's, made with the state when amsgrad is on
 
 
 class Fresh(dict):  # type: ignore[type-arg]  # torch's per-parameter state: str keys, any values
@@ -64,6 +65,8 @@ def prepare(
     # One walk over the state by items (no tensor hashed) finds the fresh entries; most steps have
     # none among the parameters they update.
     fresh = {id(p) for p, entry in state.items() if type(entry) is Fresh}
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and any(g.get("amsgrad") for g in groups):
+        fresh |= _unmarked(state)
     dropped: Dropped = []
     for group, plan in zip(groups, plans):
         if fresh:
@@ -75,6 +78,38 @@ def prepare(
         if plan.idle_with_grad:
             _allocate(optimizer, group, [p for p in plan.idle_with_grad if not state.get(p)])
     return dropped
+
+
+def _unmarked(state: Any) -> set[int]:
+    """The ids of the parameters whose state a compiled step made while they were idle (not marked
+    :class:`Fresh`: ``safeopt/_compiled.py`` selects on the device, and cannot mark it) and that
+    lack ``max_exp_avg_sq``, ``amsgrad`` having been switched on since: dropped as fresh state is
+    at the first update, where torch's ``_init_group`` would raise ``KeyError`` on them and makes
+    state anew for a new parameter. State that an update used (``step`` above 0) stays, and torch
+    raises on it as it does. One walk by items, as for the fresh entries."""
+    return {
+        id(p)
+        for p, entry in state.items()
+        if entry and type(entry) is not Fresh and MAX_EXP_AVG_SQ not in entry and _never_updated(entry)
+    }
+
+
+@untraced  # a host read of a step count, rare (amsgrad switched on): no graph guarded on it
+def _never_updated(entry: dict[str, Any]) -> bool:
+    step = entry.get(STEP)
+    return step is not None and float(step) == 0
+
+
+@untraced  # reads the state: traced, dynamo would guard on its keys and compile again when it appears
+def amsgrad_unstarted(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
+    """Whether a parameter with a grad in ``group`` (amsgrad on) has state without
+    ``max_exp_avg_sq``: state made before ``amsgrad`` was switched on. The compiled path leaves
+    such a step to the host (:func:`prepare` drops it where no update used it)."""
+    state = optimizer.state
+    return any(
+        p.grad is not None and (entry := state.get(p)) and MAX_EXP_AVG_SQ not in entry
+        for p in group["params"]
+    )
 
 
 def undo(optimizer: torch.optim.Optimizer, dropped: Dropped) -> None:

@@ -35,7 +35,14 @@ from torch import Tensor
 from safeopt import _torch_compat
 from safeopt._row_rule import ROWS
 from safeopt._rule import GroupPlan
-from safeopt._torch_compat import MOMENTUM_BUFFER, STEP, skip_flag, skips_by_found_inf, writes_into_grads
+from safeopt._torch_compat import (
+    MOMENTUM_BUFFER,
+    STEP,
+    skip_flag,
+    skips_by_found_inf,
+    untraced,
+    writes_into_grads,
+)
 
 __all__ = ["ROW_STEP", "ROW_STEP_AT", "RowSteps", "allocate_state", "check", "restore_counts", "stamp_counts"]
 
@@ -206,6 +213,10 @@ class RowSteps:
         """Whether ``finish`` has anything to do: rows to write back, or users' grads to give back."""
         return bool(self.jobs or self._grads)
 
+    # Not traced by dynamo (torch.compile), like the plan it carries out (``_rule.plan_step``):
+    # traced, its code compiled for one step's plans ran again for another's (same lengths, other
+    # parameters), stepping the parameters active in an earlier step (tests/test_compiled_probe.py).
+    @untraced
     def prepare(
         self, optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]], plans: Sequence[GroupPlan]
     ) -> tuple[list[GroupPlan], list[list[Tensor]]]:
@@ -325,6 +336,7 @@ class RowSteps:
         """``state`` with the shadows' states on top: the state torch's step on the rows reads."""
         return _StateView(state, self.states)
 
+    @untraced  # as prepare: it reads what prepare made, and the host (GradScaler's skip)
     def finish(self, stepped: bool) -> None:
         """Write the stepped rows back (when the step returned) and take the buckets out of the
         state; give back the users' sparse grads. A step that did not return leaves no state

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -27,6 +28,7 @@ __all__ = [
     "allocate_state",
     "batches",
     "capture_health_check",
+    "forget_float_specializations",
     "fused_adam_kernel",
     "fused_adam_options",
     "gather",
@@ -131,6 +133,23 @@ def untraced(fn: _F) -> _F:
         return disabled(*args, **kwargs)
 
     return cast(_F, call)
+
+
+@untraced  # a graph break: it runs between the frames dynamo compiles, none under way on this thread
+def forget_float_specializations() -> None:
+    """Clear dynamo's record of the float inputs it must specialize (``TensorifyState``, private).
+
+    dynamo keeps that record for the restarts of one frame's compilation, but clears it only on
+    some of them, so it outlives the frame: a float that one frame of safeopt's step read and did
+    not use (a param group's ``lr``, read with the groups before the compiled step's graph break)
+    is specialized there, and the frame after the break, whose symbol for the same value has the
+    same name, then specializes it too, and compiles again for every new learning rate (an LR
+    scheduler) where torch's own compiled step makes it a dynamic input. Called just before that
+    frame (``_compiled.step``). A torch without it: nothing to clear."""
+    module = sys.modules.get("torch._dynamo.symbolic_convert")
+    clear = getattr(getattr(module, "TensorifyState", None), "clear", None)
+    if callable(clear):
+        clear()
 
 
 def unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
