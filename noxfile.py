@@ -45,6 +45,7 @@ COMPAT = [
     "tests/test_layers.py",
     "tests/test_amp_compile.py",
     "tests/test_compiled_step.py",
+    "tests/test_compiled_probe.py",
     "tests/test_compat.py",
     "tests/test_edges_versions.py",
     "tests/test_patch.py",
