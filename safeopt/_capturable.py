@@ -25,8 +25,6 @@ parameter with a grad stays in torch's step and decides for itself on the device
 
 from __future__ import annotations
 
-import functools
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,6 +36,7 @@ from safeopt._row_rule import ROWS
 from safeopt._torch_compat import (
     ADAM_LISTS,
     MOMENTUM_BUFFER,
+    ByIdentity,
     allocate_state,
     capture_health_check,
     fused_adam_kernel,
@@ -229,8 +228,9 @@ class _OnDevice:
         return self.by_device[device]
 
 
-# The flags of each optimizer's capturable step, kept from step to step (_device.Flags).
-_FLAGS: weakref.WeakKeyDictionary[torch.optim.Optimizer, _device.Flags] = weakref.WeakKeyDictionary()
+# The flags of each optimizer's capturable step, kept from step to step (_device.Flags), by the
+# optimizer's identity: two optimizers never share them, whatever their class's __eq__ and __hash__.
+_FLAGS: ByIdentity[_device.Flags] = ByIdentity()
 
 
 def _fused_adam_step(
@@ -260,25 +260,24 @@ def _fused_adam_step(
             lists = [named[name] for name in ADAM_LISTS]  # type: ignore[index]  # fused_adam_kernel checked the class
             gathered.append((group, kernel, len(entry.always), lists))
             flagged_grads += lists[1][len(entry.always) :]
-    try:
-        flags = _FLAGS.get(optimizer)
-        if flags is None:
-            flags = _FLAGS[optimizer] = _device.Flags()
-    except TypeError:  # a class that is not hashable (its own __eq__): flags made for this step
+    flags = _FLAGS.get(optimizer)
+    if flags is None:
         flags = _device.Flags()
+        _FLAGS.set(optimizer, flags)
     capacity = sum(len(group["params"]) for group in groups)
     skips, advances = flags.found_inf(flagged_grads, scaler_found_inf, capacity=capacity)
     # torch's _fused_adam advances a call's step counts by one before the kernel and takes its
     # found_inf off them after; a kernel that skips reads no count, so each count is advanced by
     # one minus its call's found_inf instead, every count in one multi-tensor op (one launch on
     # one device; torch's foreach ops take several devices too).
-    shared: list[tuple[Callable[..., None], list[list[Tensor]], Any, Tensor | None, Tensor | None]] = []
-    single: list[
-        tuple[Callable[..., None], dict[str, Any], Any, _OnDevice | None, list[list[Tensor]], Any]
-    ] = []
+    # The calls in torch's order, group by group: each group's shared calls (per device and
+    # dtype), then its calls per parameter (_per_parameter, one entry per group): a call, its
+    # arguments, and the step counts it advances.
+    calls: list[tuple[Callable[..., None], tuple[Any, ...], dict[str, Any], list[Tensor]]] = []
     counts: list[Tensor] = []  # the step counts advanced by one
     flagged_counts: list[Tensor] = []  # those advanced by one minus their found_inf (advances)
     flagged_advances: list[Tensor] = []
+    at = [0]  # the failed call of the group that failed, set by _per_parameter
     k = 0
     for group, kernel, always, lists in gathered:
         options = fused_adam_options(group)
@@ -291,10 +290,12 @@ def _fused_adam_step(
         for (device, _), members in kinds.items():
             some = [[t[i] for i in members] if t else [] for t in lists]
             skip = found_inf.on(device)
-            call = functools.partial(kernel, **options)
-            shared.append(
-                (call, some, lr if lr_on is None else lr_on.on(device), grad_scale.on(device), skip)
-            )
+            on = {
+                "lr": lr if lr_on is None else lr_on.on(device),
+                "grad_scale": grad_scale.on(device),
+                "found_inf": skip,
+            }
+            calls.append((kernel, tuple(some), {**options, **on}, some[-1]))
             if skip is None:
                 counts += some[-1]
             else:
@@ -304,28 +305,35 @@ def _fused_adam_step(
         if n:
             flagged_counts += lists[-1][always:]
             flagged_advances += advances[k : k + n]
-            single.append((kernel, options, lr, lr_on, [t[always:] for t in lists], skips[k : k + n]))
+            rest = [t[always:] for t in lists]
+            calls.append(
+                (
+                    _per_parameter,
+                    (kernel, options, lr, lr_on, grad_scale, rest, skips[k : k + n], at),
+                    {},
+                    rest[-1],
+                )
+            )
             k += n
     with torch.no_grad():
         if counts:
             torch._foreach_add_(counts, 1)
         if flagged_counts:
             torch._foreach_add_(flagged_counts, flagged_advances)
-        shared_done = single_done = 0
-        at = [0]  # the failed call of the group that failed, set by _per_parameter
+        done = 0
         try:
-            for shared_call, some, lr, scale, skip in shared:
-                shared_call(*some, lr=lr, grad_scale=scale, found_inf=skip)
-                shared_done += 1
-            for kernel, options, lr, lr_on, lists, group_skips in single:
-                _per_parameter(kernel, options, lr, lr_on, grad_scale, lists, group_skips, at)
-                single_done += 1
+            for call, args, kwargs, _ in calls:
+                call(*args, **kwargs)
+                done += 1
         except BaseException:
             # The parameters whose call did not run keep their step counts (those already
-            # stepped keep their update, as after torch's step failing on a later device).
-            pending = {id(c) for _, some, _, _, _ in shared[shared_done:] for c in some[-1]}
-            for j, (*_, lists, _) in enumerate(single[single_done:]):
-                pending.update(id(c) for c in lists[-1][at[0] if j == 0 else 0 :])
+            # stepped keep their update, as after torch's step failing on a later device or
+            # group). Only a call per parameter sets ``at``.
+            pending = {
+                id(c)
+                for j, (*_, advanced) in enumerate(calls[done:])
+                for c in advanced[at[0] if j == 0 else 0 :]
+            }
             for c in counts:
                 if id(c) in pending:
                     c.sub_(1)

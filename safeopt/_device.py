@@ -106,17 +106,24 @@ def found_inf(grads: Sequence[Tensor], otherwise: Tensor | None) -> tuple[list[T
 
 
 class _Slots:
-    """One device's flag buffers and the 0-d views of their elements, made once."""
+    """One device's flag buffers and the 0-d views of their elements, made once.
 
-    __slots__ = ("advance_views", "advances", "one", "size", "skip_views", "skips")
+    Made as normal tensors whatever the grad mode of the step that makes them: under
+    ``torch.inference_mode()`` they would be inference tensors, which no later step outside it may
+    write. Nothing is read from them before a step writes it: made while a CUDA graph is being
+    captured, their memory holds nothing until the graph is replayed (the fill is captured, not
+    run), and an eager step before that replay must not read it.
+    """
+
+    __slots__ = ("advance_views", "advances", "size", "skip_views", "skips")
 
     def __init__(self, size: int, device: torch.device) -> None:
         self.size = size
-        self.skips = torch.zeros(size, dtype=torch.float32, device=device)
-        self.advances = torch.zeros(size, dtype=torch.float32, device=device)
-        self.one = torch.ones((), dtype=torch.float32, device=device)
-        self.skip_views = self.skips.unbind()
-        self.advance_views = self.advances.unbind()
+        with torch.inference_mode(False):
+            self.skips = torch.empty(size, dtype=torch.float32, device=device)
+            self.advances = torch.empty(size, dtype=torch.float32, device=device)
+            self.skip_views = self.skips.unbind()
+            self.advance_views = self.advances.unbind()
 
 
 class Flags:
@@ -140,8 +147,8 @@ class Flags:
         self, grads: list[Tensor], otherwise: Tensor | None, *, capacity: int = 0
     ) -> tuple[Sequence[Tensor], Sequence[Tensor]]:
         """:func:`found_inf`'s flags (views of buffers rewritten by the next call). Four kernels
-        (norms, stack, two compares), five with ``otherwise``; a new buffer holds at least
-        ``capacity`` grads."""
+        (norms, stack, two compares), seven with ``otherwise`` (norms, stack, copy, compare, two
+        fills, subtract); a new buffer holds at least ``capacity`` grads."""
         n = len(grads)
         kinds = {(g.device, g.dtype, g.layout) for g in grads}
         if len(kinds) != 1:
@@ -159,9 +166,10 @@ class Flags:
         if otherwise is None:
             torch.eq(norms, 0, out=skips)
             torch.ne(norms, 0, out=advances)  # one minus the flag, exactly: NaN is not 0
-        else:
-            torch.where(norms.eq(0), slots.one, otherwise.to(device, torch.float32), out=skips)
-            torch.sub(slots.one, skips, out=advances)
+        else:  # one minus the flag as found_inf's: the float32 1 - flag
+            skips.copy_(otherwise)
+            skips.masked_fill_(norms.eq(0), 1.0)
+            advances.fill_(1.0).sub_(skips)
         return slots.skip_views[:n], slots.advance_views[:n]
 
 

@@ -14,7 +14,7 @@ import inspect
 import sys
 import weakref
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ __all__ = [
     "INSTANCE_ATTRS",
     "MOMENTUM_BUFFER",
     "STEP",
+    "ByIdentity",
     "allocate_state",
     "batches",
     "capture_health_check",
@@ -179,13 +180,14 @@ def twin(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> Any:
 
     One twin per optimizer, its groups the same dicts from step to step, refreshed each time:
     torch.compile guards a compiled step on the optimizer it was given, and a new twin every
-    step would compile torch's step again every step.
+    step would compile torch's step again every step. Kept by the optimizer's identity
+    (:class:`ByIdentity`), whatever its class's ``__eq__`` and ``__hash__``.
     """
     made = _TWINS.get(optimizer)
     if made is None or type(made) is not type(optimizer) or len(made.param_groups) != len(groups):
         made = object.__new__(type(optimizer))
         vars(made)["param_groups"] = [{} for _ in groups]
-        _TWINS[optimizer] = made
+        _TWINS.set(optimizer, made)
     own = vars(made)
     shadows = own["param_groups"]
     own.clear()
@@ -197,7 +199,46 @@ def twin(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> Any:
     return made
 
 
-_TWINS: weakref.WeakKeyDictionary[torch.optim.Optimizer, Any] = weakref.WeakKeyDictionary()
+_V = TypeVar("_V")
+
+
+class ByIdentity(Generic[_V]):
+    """A value kept per object, keyed by the object's identity and dropped when it is collected.
+
+    A ``WeakKeyDictionary`` keys by ``__hash__`` and ``__eq__``, which a subclass may define: two
+    optimizers equal by their class's ``__eq__`` would share one value (stepped from two threads,
+    each would rewrite what the other reads), one with a hash that changes would miss its value
+    and leave a new entry each time, and one without a hash could not be a key. Keyed by ``id``
+    with a weak reference, none of that matters: the reference's callback drops the entry when
+    the object goes, before its ``id`` can be reused. Nothing is stored on the object itself, so
+    pickling, ``copy.deepcopy`` and ``state_dict`` never see it.
+    """
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref[Any], _V]] = {}
+
+    def get(self, obj: object) -> _V | None:
+        entry = self._entries.get(id(obj))
+        if entry is None or entry[0]() is not obj:
+            return None
+        return entry[1]
+
+    def set(self, obj: object, value: _V) -> None:
+        key, entries = id(obj), self._entries
+
+        def drop(ref: weakref.ref[Any]) -> None:  # holds the key and the dict, not the object
+            if entries.get(key, (None,))[0] is ref:
+                entries.pop(key, None)
+
+        entries[key] = (weakref.ref(obj, drop), value)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_TWINS: ByIdentity[Any] = ByIdentity()
 _MISSING = object()
 
 

@@ -11,6 +11,9 @@ GradScaler's ``found_inf``, a buffer that grows, and grads of two dtypes.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import gc
 from typing import Any
 
 import pytest
@@ -260,8 +263,8 @@ class _ComparedAdamW(torch.optim.AdamW):
 
 
 def test_capturable_step_of_an_unhashable_optimizer() -> None:
-    """The flags are kept per optimizer object; one that cannot be a dict key gets flags made for
-    each step, with the same result as torch."""
+    """The flags are kept by the optimizer's identity, also for one that cannot be a dict key, with
+    the same result as torch."""
     params = harness.make_params([(3,), (4,)])
     opt = safeopt.wrap(_ComparedAdamW(params, lr=1e-2, fused=True, capturable=True))
     ref_params = [nn.Parameter(p.detach().clone()) for p in params]
@@ -280,3 +283,226 @@ def test_capturable_step_of_an_unhashable_optimizer() -> None:
         harness.reference_step(ref, ref_params, grads, active)
         harness.assert_unchanged(before, opt, params, [step % 2], f"step {step}")
         harness.assert_matches_reference(opt, params, ref, ref_params, [1 - step % 2], f"step {step}")
+
+
+_MODES = {
+    "plain": contextlib.nullcontext,
+    "inference": torch.inference_mode,
+    "no_grad": torch.no_grad,
+    "enable_grad": torch.enable_grad,
+}
+
+
+@pytest.mark.parametrize(
+    "modes",
+    [
+        ("inference", "plain", "plain"),
+        ("plain", "inference", "plain"),
+        ("inference", "no_grad", "enable_grad"),
+        ("no_grad", "inference", "enable_grad"),
+    ],
+)
+def test_capturable_flags_made_under_inference_mode_serve_later_steps(modes: tuple[str, ...]) -> None:
+    """The flag buffers are made at an optimizer's first capturable step, whatever grad mode it runs
+    in: made under ``torch.inference_mode()`` they were inference tensors, and every later step
+    outside it raised "Inplace update to inference tensor outside InferenceMode". Each step here
+    equals torch's (state loaded first, as torch's own step under inference mode needs)."""
+    shapes = [(3,), (4,), (2,)]
+    params = harness.make_params(shapes)
+    ref_params = [nn.Parameter(p.detach().clone()) for p in params]
+    src = torch.optim.Adam(
+        [nn.Parameter(p.detach().clone()) for p in params], lr=0.1, fused=True, capturable=True
+    )
+    for p in src.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    src.step()
+    opt = safeopt.Adam(params, lr=0.1, fused=True, capturable=True)
+    ref = torch.optim.Adam(ref_params, lr=0.1, fused=True, capturable=True)
+    opt.load_state_dict(copy.deepcopy(src.state_dict()))  # loaded, torch's tensors are shared
+    ref.load_state_dict(copy.deepcopy(src.state_dict()))
+    gen = torch.Generator().manual_seed(1)
+    for step, mode in enumerate(modes):
+        grads = [
+            torch.zeros_like(p) if i == step else torch.randn(p.shape, generator=gen)
+            for i, p in enumerate(params)
+        ]
+        active = [i != step for i in range(len(params))]
+        for p, g in zip(params, grads):
+            p.grad = g
+        before = harness.snapshot(opt, params)
+        with _MODES[mode]():
+            opt.step()
+        harness.reference_step(ref, ref_params, grads, active)
+        harness.assert_unchanged(before, opt, params, [step], f"step {step} ({mode})")
+        harness.assert_matches_reference(
+            opt, params, ref, ref_params, [i for i, a in enumerate(active) if a], f"step {step} ({mode})"
+        )
+
+
+def test_capturable_kernel_failing_in_a_group_leaves_a_later_lazy_false_group_alone() -> None:
+    """The groups' kernel calls are made group by group, as torch's step makes them: a parameter
+    of the first group failing (a float64 grad for a float32 parameter) leaves the later
+    ``lazy=False`` group untouched, counts included, as torch leaves a group it never reached.
+    Before, the calls shared by a group (``lazy=False``) ran before every per-parameter call."""
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(3, generator=gen)) for _ in range(4)]
+    opt = safeopt.Adam(
+        [{"params": params[:2]}, {"params": params[2:], "lazy": False}], lr=0.1, fused=True, capturable=True
+    )
+    for p in params:
+        p.grad = torch.randn(3, generator=gen)
+    opt.step()
+    for p in params:
+        p.grad = torch.randn(3, generator=gen)
+    params[1].grad.data = params[1].grad.data.double()
+    before = harness.snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="expected scalar type Float but found Double"):
+        opt.step()
+    assert not harness.bit_equal(params[0].detach(), before[0][0]), "param 0 not stepped"
+    assert float(opt.state[params[0]]["step"]) == 2.0
+    harness.assert_unchanged(before, opt, params, [1, 2, 3], "from the failing call on")
+
+
+def test_capturable_kernel_calls_are_made_group_by_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shared (``lazy=False``) and per-parameter calls interleaved as the groups come."""
+    params = harness.make_params([(3,), (4,), (2,), (5,), (3,), (2,)])
+    opt = safeopt.AdamW(
+        [
+            {"params": params[:2]},
+            {"params": params[2:4], "lazy": False},
+            {"params": params[4:5]},
+            {"params": params[5:], "lazy": False},
+        ],
+        lr=1e-2,
+        fused=True,
+        capturable=True,
+    )
+    for p in params:
+        p.grad = torch.ones_like(p)
+    kernel = torch._fused_adamw_
+    order: list[list[int]] = []
+
+    def recorded(*args: Any, **kwargs: Any) -> None:
+        order.append([next(i for i, q in enumerate(params) if q is p) for p in args[0]])
+        kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", recorded)
+    opt.step()
+    assert order == [[0], [1], [2, 3], [4], [5]]
+
+
+class _AllEqualAdamW(torch.optim.AdamW):
+    """Equal to any other of its class, one hash for all: distinct optimizers that a dict keyed by
+    the optimizer takes for one."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _AllEqualAdamW)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+def test_capturable_flags_of_equal_optimizers_are_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two optimizers equal by their class's ``__eq__`` keep flags of their own: one stepped in the
+    middle of the other's step (as from another thread) does not rewrite the flags the other's
+    remaining calls read. Before, they shared one entry: the other's idle flags skipped them."""
+    params = harness.make_params([(3,), (4,), (2,)])
+    others = harness.make_params([(3,), (4,), (2,)])
+    opt = safeopt.wrap(_AllEqualAdamW(params, lr=1e-2, fused=True, capturable=True))
+    other = safeopt.wrap(_AllEqualAdamW(others, lr=1e-2, fused=True, capturable=True))
+    ref_params = [nn.Parameter(p.detach().clone()) for p in params]
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, fused=True, capturable=True)
+    for p in others:
+        p.grad = torch.zeros_like(p)  # every flag of the other's step is 1
+    other.step()
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    kernel = torch._fused_adamw_
+    reentered: list[bool] = []
+
+    def reentering(*args: Any, **kwargs: Any) -> None:
+        if not reentered:
+            reentered.append(True)
+            other.step()
+        kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", reentering)
+    opt.step()
+    monkeypatch.undo()
+    assert reentered
+    harness.reference_step(ref, ref_params, grads, [True] * 3)
+    harness.assert_matches_reference(opt, params, ref, ref_params, [0, 1, 2])
+
+
+class _ChangingHashAdamW(torch.optim.AdamW):
+    """A hash that changes each time it is asked for."""
+
+    def __hash__(self) -> int:
+        self.hashed = getattr(self, "hashed", 0) + 1
+        return self.hashed
+
+
+class _ChangingHashLazyAdamW(safeopt.AdamW):
+    """The same on safeopt's class, whose eager step with idle parameters runs on a twin."""
+
+    def __hash__(self) -> int:
+        self.hashed = getattr(self, "hashed", 0) + 1
+        return self.hashed
+
+
+@pytest.mark.parametrize("cache", ["flags", "twins"])
+def test_optimizer_caches_keep_one_entry_per_optimizer_whatever_its_hash(cache: str) -> None:
+    """The flags (capturable step) and the twin (eager step with idle parameters) kept per
+    optimizer are keyed by its identity: a hash that changes from step to step neither misses them
+    (a new entry each step) nor leaves entries behind."""
+    kept = safeopt._capturable._FLAGS if cache == "flags" else safeopt._torch_compat._TWINS
+    gc.collect()
+    start = len(kept)
+    params = harness.make_params([(3,), (4,)])
+    if cache == "flags":
+        opt: torch.optim.Optimizer = safeopt.wrap(
+            _ChangingHashAdamW(params, lr=1e-2, fused=True, capturable=True)
+        )
+    else:
+        opt = _ChangingHashLazyAdamW(params, lr=1e-2, foreach=True)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        for i, p in enumerate(params):
+            p.grad = torch.zeros_like(p) if i == step % 2 else torch.randn(p.shape, generator=gen)
+        opt.step()
+    assert len(kept) == start + 1
+    del opt
+    gc.collect()
+    assert len(kept) == start
+
+
+class _AllEqualLazyAdamW(safeopt.AdamW):
+    """:class:`_AllEqualAdamW` on safeopt's class, whose eager step with idle parameters runs on a twin."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _AllEqualLazyAdamW)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+def test_twins_of_equal_optimizers_are_their_own() -> None:
+    """Two optimizers equal by their class's ``__eq__`` each get a twin of their own (one stepping
+    on the other's twin from another thread would swap its groups mid-step); each step equals
+    torch's. Before, the second reused the first's twin."""
+    params = harness.make_params([(3,), (4,)])
+    others = harness.make_params([(3,), (4,)])
+    opt = _AllEqualLazyAdamW(params, lr=1e-2, foreach=True)
+    other = _AllEqualLazyAdamW(others, lr=1e-2, foreach=True)
+    for p in (*params, *others):
+        p.grad = torch.ones_like(p)
+    params[0].grad = torch.zeros_like(params[0])
+    others[1].grad = torch.zeros_like(others[1])
+    opt.step()
+    other.step()
+    twins = safeopt._torch_compat._TWINS
+    assert twins.get(opt) is not None
+    assert twins.get(other) is not None
+    assert twins.get(opt) is not twins.get(other)
