@@ -197,11 +197,26 @@ def loaded(optimizer: torch.optim.Optimizer, had_state: set[int]) -> None:
                 continue
             if position in fresh and MOMENTUM_BUFFER in entry and not _any(entry[MOMENTUM_BUFFER]):
                 state[p] = Fresh({k: v for k, v in entry.items() if k != MOMENTUM_BUFFER})
-            elif STEP in entry and float(entry[STEP]) == 0:
+            elif STEP in entry and float(entry[STEP]) == 0 and not _used(entry):
                 if id(p) not in had_state:
                     del state[p]
                 elif counts_from_one:
                     state[p] = Fresh(entry)
+
+
+# State torch's _init_group fills from the settings rather than with zeros: NAdam's mu_product (1),
+# ASGD's eta (lr) and mu (1), Rprop's step_size (lr).
+_SETTINGS = frozenset({STEP, "mu_product", "eta", "mu", "step_size"})
+
+
+def _used(entry: dict[str, Any]) -> bool:
+    """Whether state with ``step`` 0 holds what no initial state does: a nonzero moment or buffer.
+    Such state was used and its count set back (a warm restart of the bias correction): it is kept
+    as it is, as torch keeps it, not dropped as fresh."""
+    return any(
+        isinstance(value, torch.Tensor) and key not in _SETTINGS and value.numel() and _any(value)
+        for key, value in entry.items()
+    )
 
 
 def remark(optimizer: torch.optim.Optimizer) -> None:
