@@ -29,11 +29,12 @@ __all__ = [
     "allocate_state",
     "batches",
     "capture_health_check",
-    "forget_float_specializations",
+    "enter_select_step_floats",
     "fused_adam_kernel",
     "fused_adam_options",
     "gather",
     "init_group",
+    "leave_select_step_floats",
     "saved_as_is",
     "settle",
     "skip_flag",
@@ -136,21 +137,57 @@ def untraced(fn: _F) -> _F:
     return cast(_F, call)
 
 
+# The select step's own record of floats to specialize (below), and the record of every other
+# frame while the select step's is in place.
+_SELECT_STEP_FLOATS: set[str] = set()
+_OTHER_FLOATS: set[str] = set()
+
+
+def _float_specializations() -> set[str] | None:
+    """dynamo's record of the float inputs it must specialize (``TensorifyState``, private), the
+    set itself; ``None`` on a torch without it."""
+    module = sys.modules.get("torch._dynamo.symbolic_convert")
+    record = getattr(getattr(module, "TensorifyState", None), "force_specializations", None)
+    return record if isinstance(record, set) else None
+
+
 @untraced  # a graph break: it runs between the frames dynamo compiles, none under way on this thread
-def forget_float_specializations() -> None:
-    """Clear dynamo's record of the float inputs it must specialize (``TensorifyState``, private).
+def enter_select_step_floats() -> None:
+    """Give the compiled step's select frame (``_compiled.step``) its own record of the float inputs
+    dynamo must specialize (``TensorifyState``, private), keeping the record of the other frames
+    aside until :func:`leave_select_step_floats`.
 
     dynamo keeps that record for the restarts of one frame's compilation, but clears it only on
     some of them, so it outlives the frame: a float that one frame of safeopt's step read and did
     not use (a param group's ``lr``, read with the groups before the compiled step's graph break)
     is specialized there, and the frame after the break, whose symbol for the same value has the
-    same name, then specializes it too, and compiles again for every new learning rate (an LR
-    scheduler) where torch's own compiled step makes it a dynamic input. Called just before that
-    frame (``_compiled.step``). A torch without it: nothing to clear."""
-    module = sys.modules.get("torch._dynamo.symbolic_convert")
-    clear = getattr(getattr(module, "TensorifyState", None), "clear", None)
-    if callable(clear):
-        clear()
+    same name, then specialized it too, and compiled again for every new learning rate (an LR
+    scheduler) where torch's own compiled step makes it a dynamic input. Cleared at every step
+    instead, the record cost a restart of analysis at each recompilation, of this frame (a foreach
+    step, which compiles per lr as torch's does) and of the user's frames after it. With a record
+    of its own, the select frame sees what it recorded itself, as torch's step frame does, and the
+    other frames see theirs. A torch without it: nothing to do."""
+    record = _float_specializations()
+    if record is None:
+        return
+    _OTHER_FLOATS.clear()
+    _OTHER_FLOATS.update(record)
+    record.clear()
+    record.update(_SELECT_STEP_FLOATS)
+
+
+@untraced  # a graph break: the select frame's compilation is over
+def leave_select_step_floats() -> None:
+    """After the select frame: keep what it recorded for its next compilation, and put back the
+    other frames' record (:func:`enter_select_step_floats`)."""
+    record = _float_specializations()
+    if record is None:
+        return
+    _SELECT_STEP_FLOATS.clear()
+    _SELECT_STEP_FLOATS.update(record)
+    record.clear()
+    record.update(_OTHER_FLOATS)
+    _OTHER_FLOATS.clear()
 
 
 def unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
