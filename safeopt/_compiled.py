@@ -78,11 +78,11 @@ def step(optimizer: torch.optim.Optimizer, torch_step: Callable[..., Any]) -> No
         # The graph break, and the select frame's own record of the floats dynamo specializes, the
         # other frames' put aside: a group's float lr stays a dynamic input here, as in torch's own
         # compiled step (not a value guarded on, compiled again for each new lr).
-        enter_select_step_floats()
+        enter_select_step_floats(optimizer)
         _select_step(optimizer, without_grad_mode(torch_step))
     finally:
         # A graph break again, and the other frames' record back: user code sees dynamo's own.
-        leave_select_step_floats()
+        leave_select_step_floats(optimizer)
         torch._dynamo.graph_break()
         torch.set_grad_enabled(prev)
 

@@ -137,12 +137,6 @@ def untraced(fn: _F) -> _F:
     return cast(_F, call)
 
 
-# The select step's own record of floats to specialize (below), and the record of every other
-# frame while the select step's is in place.
-_SELECT_STEP_FLOATS: set[str] = set()
-_OTHER_FLOATS: set[str] = set()
-
-
 def _float_specializations() -> set[str] | None:
     """dynamo's record of the float inputs it must specialize (``TensorifyState``, private), the
     set itself; ``None`` on a torch without it."""
@@ -151,11 +145,18 @@ def _float_specializations() -> set[str] | None:
     return record if isinstance(record, set) else None
 
 
+def _frames_compiled() -> int:
+    """dynamo's count of the frames it compiled (private), which ``torch._dynamo.reset()`` sets
+    back to 0; 0 on a torch without it."""
+    count = getattr(sys.modules.get("torch._dynamo.convert_frame"), "FRAME_COUNTER", 0)
+    return count if isinstance(count, int) else 0
+
+
 @untraced  # a graph break: it runs between the frames dynamo compiles, none under way on this thread
-def enter_select_step_floats() -> None:
-    """Give the compiled step's select frame (``_compiled.step``) its own record of the float inputs
-    dynamo must specialize (``TensorifyState``, private), keeping the record of the other frames
-    aside until :func:`leave_select_step_floats`.
+def enter_select_step_floats(optimizer: torch.optim.Optimizer) -> None:
+    """Give the compiled step's select frame (``_compiled.step``) of ``optimizer`` its own record of
+    the float inputs dynamo must specialize (``TensorifyState``, private), keeping the record of
+    the other frames aside until :func:`leave_select_step_floats`.
 
     dynamo keeps that record for the restarts of one frame's compilation, but clears it only on
     some of them, so it outlives the frame: a float that one frame of safeopt's step read and did
@@ -165,26 +166,29 @@ def enter_select_step_floats() -> None:
     scheduler) where torch's own compiled step makes it a dynamic input. Cleared at every step
     instead, the record cost a restart of analysis at each recompilation, of this frame (a foreach
     step, which compiles per lr as torch's does) and of the user's frames after it. With a record
-    of its own, the select frame sees what it recorded itself, as torch's step frame does, and the
-    other frames see theirs. A torch without it: nothing to do."""
+    of its own, per optimizer (as dynamo compiles the frame per optimizer; another optimizer's
+    symbols may have the same names), forgotten at ``torch._dynamo.reset()``, the select frame
+    sees what it recorded itself, as torch's step frame does, and the other frames see theirs. A
+    torch without it: nothing to do."""
     record = _float_specializations()
     if record is None:
         return
     _OTHER_FLOATS.clear()
     _OTHER_FLOATS.update(record)
     record.clear()
-    record.update(_SELECT_STEP_FLOATS)
+    own = _SELECT_STEP_FLOATS.get(optimizer)
+    if own is not None and own[0] <= _frames_compiled():  # else dynamo was reset since
+        record.update(own[1])
 
 
 @untraced  # a graph break: the select frame's compilation is over
-def leave_select_step_floats() -> None:
+def leave_select_step_floats(optimizer: torch.optim.Optimizer) -> None:
     """After the select frame: keep what it recorded for its next compilation, and put back the
     other frames' record (:func:`enter_select_step_floats`)."""
     record = _float_specializations()
     if record is None:
         return
-    _SELECT_STEP_FLOATS.clear()
-    _SELECT_STEP_FLOATS.update(record)
+    _SELECT_STEP_FLOATS.set(optimizer, (_frames_compiled(), frozenset(record)))
     record.clear()
     record.update(_OTHER_FLOATS)
     _OTHER_FLOATS.clear()
@@ -623,3 +627,10 @@ def init_group(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> list[
     if not group["amsgrad"]:
         return [[p, m, v, s] for p, m, v, s in zip(params, exp_avgs, exp_avg_sqs, steps)]
     return [[p, m, v, mx, s] for p, m, v, mx, s in zip(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)]
+
+
+# The compiled step's select frame's own record of floats to specialize, per optimizer, with
+# dynamo's frame count when it was kept (enter_select_step_floats), and the record of every other
+# frame while the select frame's is in place.
+_SELECT_STEP_FLOATS: ByIdentity[tuple[int, frozenset[str]]] = ByIdentity()
+_OTHER_FLOATS: set[str] = set()
