@@ -30,7 +30,17 @@ from safeopt import _rows
 from safeopt._rule import GroupPlan
 from safeopt._torch_compat import MOMENTUM_BUFFER, STEP, state_made_at_first_step, untraced
 
-__all__ = ["FRESH_PARAMS", "Fresh", "amsgrad_unstarted", "loaded", "prepare", "remark", "saved", "undo"]
+__all__ = [
+    "FRESH_PARAMS",
+    "Fresh",
+    "amsgrad_unstarted",
+    "drop_unstarted",
+    "loaded",
+    "prepare",
+    "remark",
+    "saved",
+    "undo",
+]
 
 FRESH_PARAMS = "fresh_params"  # in a state_dict's SGD groups: positions whose buffer is a placeholder
 MAX_EXP_AVG_SQ = "max_exp_avg_sq"  # Adam's and AdamW's, made with the state when amsgrad is on
@@ -110,6 +120,43 @@ def _initial(entry: dict[str, Any]) -> bool:
     if step is None or not isinstance(exp_avg, torch.Tensor) or not isinstance(exp_avg_sq, torch.Tensor):
         return False
     return float(step) == 0 and not _any(exp_avg) and not _any(exp_avg_sq)
+
+
+def drop_unstarted(
+    optimizer: torch.optim.Optimizer,
+    groups: Sequence[dict[str, Any]],
+    stepped: Sequence[Sequence[torch.Tensor]],
+    *,
+    capturing: bool,
+) -> Dropped:
+    """Before a capturable step (``stepped``: the parameters of each group in torch's step), in a
+    group with ``amsgrad`` on: drop the state without ``max_exp_avg_sq`` that no update used, made
+    by an earlier capturable step where the parameter was idle (torch's kernel made it and skipped
+    it) or marked :class:`Fresh`, so that torch makes it anew, amsgrad included, as for a new
+    parameter. Other state stays, for torch's ``KeyError``. Only a dict check per parameter in
+    such groups; a host read only for the rare state without ``max_exp_avg_sq``, and none under
+    capture, which raises instead. Returns what it dropped, for :func:`undo`."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return []
+    state = optimizer.state
+    dropped: Dropped = []
+    for group, params in zip(groups, stepped):
+        if not group.get("amsgrad"):
+            continue
+        for p in params:
+            entry = state.get(p)
+            if not entry or MAX_EXP_AVG_SQ in entry:
+                continue
+            if capturing:
+                raise RuntimeError(
+                    "safeopt cannot capture this step in a CUDA graph: a parameter of a param group with "
+                    "amsgrad=True has state made before amsgrad was switched on (no max_exp_avg_sq); "
+                    "take one step outside capture first"
+                )
+            if type(entry) is Fresh or _initial(entry):
+                dropped.append((p, entry))
+                state[p] = {}
+    return dropped
 
 
 @untraced  # reads the state: traced, dynamo would guard on its keys and compile again when it appears

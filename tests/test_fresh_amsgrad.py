@@ -96,3 +96,43 @@ def test_an_amsgrad_group_beside_another_reads_nothing_more_than_torch(foreach: 
         return reads
 
     assert run(safeopt.Adam) == run(torch.optim.Adam)
+
+
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, torch.optim.Adam], ids=["AdamW", "Adam"])
+def test_amsgrad_switched_on_after_an_idle_capturable_step(cls: type) -> None:
+    """fused and capturable: a parameter idle in a step (zero grad: torch's kernel made its state
+    and skipped it), then ``amsgrad`` switched on, then its first update: torch's class holding
+    only the active parameters makes its state at that update, amsgrad included, and so does
+    safeopt's. Before the fix the capturable step raised ``KeyError: 'max_exp_avg_sq'``."""
+    safe = getattr(safeopt, cls.__name__)
+    params, ref_params = two(), two()
+    opt = safe(params, lr=0.1, fused=True, capturable=True)
+    ref = cls(ref_params[1:], lr=0.1, fused=True, capturable=True)
+    params[0].grad, params[1].grad = torch.ones(3), torch.zeros(3)
+    opt.step()
+    for o in (opt, ref):
+        o.param_groups[0]["amsgrad"] = True
+    params[0].grad, params[1].grad = None, torch.full((3,), 0.7)
+    ref_params[1].grad = torch.full((3,), 0.7)
+    opt.step()
+    ref.step()
+    assert bit_equal(params[1].detach(), ref_params[1].detach())
+    mine, theirs = opt.state[params[1]], ref.state[ref_params[1]]
+    assert set(mine) == set(theirs)
+    assert all(bit_equal(mine[k], theirs[k]) for k in theirs)
+
+
+def test_real_state_without_max_exp_avg_sq_in_a_capturable_step_raises_torchs_error() -> None:
+    """fused and capturable, state an update used, then ``amsgrad`` switched on: torch raises
+    ``KeyError: 'max_exp_avg_sq'``, and so does safeopt; nothing is changed."""
+    for cls in (torch.optim.AdamW, safeopt.AdamW):
+        params = two()
+        opt = cls(params, lr=0.1, fused=True, capturable=True)
+        for p in params:
+            p.grad = torch.ones(3)
+        opt.step()
+        opt.param_groups[0]["amsgrad"] = True
+        before = [p.detach().clone() for p in params]
+        with pytest.raises(KeyError, match="max_exp_avg_sq"):
+            opt.step()
+        assert all(bit_equal(p.detach(), b) for p, b in zip(params, before))
