@@ -136,3 +136,21 @@ def test_real_state_without_max_exp_avg_sq_in_a_capturable_step_raises_torchs_er
         with pytest.raises(KeyError, match="max_exp_avg_sq"):
             opt.step()
         assert all(bit_equal(p.detach(), b) for p, b in zip(params, before))
+
+
+def test_under_capture_state_without_max_exp_avg_sq_is_refused_with_the_way_out() -> None:
+    """Under CUDA-graph capture no host read may decide such state: the step raises, naming the
+    way out (one step outside capture), and drops nothing. (Capture needs CUDA; the decision is
+    called here as the capturable step calls it while capturing.)"""
+    from safeopt import _fresh
+
+    params = two()
+    opt = safeopt.AdamW(params, lr=0.1, fused=True, capturable=True)
+    params[0].grad, params[1].grad = torch.ones(3), torch.zeros(3)
+    opt.step()
+    opt.param_groups[0]["amsgrad"] = True
+    entry = opt.state[params[1]]
+    with pytest.raises(RuntimeError, match="outside capture"):
+        _fresh.drop_unstarted(opt, opt.param_groups, [params[1:]], capturing=True)
+    assert opt.state[params[1]] is entry
+    assert _fresh.drop_unstarted(opt, opt.param_groups, [params[1:]], capturing=False) == [(params[1], entry)]
