@@ -76,11 +76,15 @@ def lazy_step(
     if on_device is not None:  # capturable or capturing: no host read
         unstarted = _stateless(optimizer.state, [p for entry in on_device for p in entry.frozen])
         # amsgrad switched on after a step made an idle parameter's state: torch makes it anew.
-        remade = _fresh.drop_unstarted(
-            optimizer,
-            groups,
-            [entry.flagged + entry.always for entry in on_device],
-            capturing=_capturable.capturing(),
+        remade = (
+            _fresh.drop_unstarted(
+                optimizer,
+                groups,
+                [entry.flagged + entry.always for entry in on_device],
+                capturing=_capturable.capturing(),
+            )
+            if any(group.get("amsgrad") for group in groups)
+            else []
         )
         try:
             _capturable.step(optimizer, groups, step, on_device)
