@@ -32,7 +32,13 @@ from torch import Tensor
 
 from safeopt import _fresh, _rule
 from safeopt._row_rule import ROWS
-from safeopt._torch_compat import forget_float_specializations, init_group, torch_step_fn, without_grad_mode
+from safeopt._torch_compat import (
+    enter_select_step_floats,
+    init_group,
+    leave_select_step_floats,
+    torch_step_fn,
+    without_grad_mode,
+)
 
 __all__ = ["applies", "step"]
 
@@ -69,12 +75,14 @@ def step(optimizer: torch.optim.Optimizer, torch_step: Callable[..., Any]) -> No
     prev = torch.is_grad_enabled()
     try:
         torch.set_grad_enabled(False)
-        # The graph break, and what dynamo recorded for the frame before it forgotten: a group's
-        # float lr stays a dynamic input here, as in torch's own compiled step (not a value
-        # guarded on, compiled again for each new lr).
-        forget_float_specializations()
+        # The graph break, and the select frame's own record of the floats dynamo specializes, the
+        # other frames' put aside: a group's float lr stays a dynamic input here, as in torch's own
+        # compiled step (not a value guarded on, compiled again for each new lr).
+        enter_select_step_floats(optimizer)
         _select_step(optimizer, without_grad_mode(torch_step))
     finally:
+        # A graph break again, and the other frames' record back: user code sees dynamo's own.
+        leave_select_step_floats(optimizer)
         torch._dynamo.graph_break()
         torch.set_grad_enabled(prev)
 

@@ -30,7 +30,17 @@ from safeopt import _rows
 from safeopt._rule import GroupPlan
 from safeopt._torch_compat import MOMENTUM_BUFFER, STEP, state_made_at_first_step, untraced
 
-__all__ = ["FRESH_PARAMS", "Fresh", "amsgrad_unstarted", "loaded", "prepare", "remark", "saved", "undo"]
+__all__ = [
+    "FRESH_PARAMS",
+    "Fresh",
+    "amsgrad_unstarted",
+    "drop_unstarted",
+    "loaded",
+    "prepare",
+    "remark",
+    "saved",
+    "undo",
+]
 
 FRESH_PARAMS = "fresh_params"  # in a state_dict's SGD groups: positions whose buffer is a placeholder
 MAX_EXP_AVG_SQ = "max_exp_avg_sq"  # Adam's and AdamW's, made with the state when amsgrad is on
@@ -65,10 +75,15 @@ def prepare(
     # One walk over the state by items (no tensor hashed) finds the fresh entries; most steps have
     # none among the parameters they update.
     fresh = {id(p) for p, entry in state.items() if type(entry) is Fresh}
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and any(g.get("amsgrad") for g in groups):
-        fresh |= _unmarked(state)
+    amsgrad = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and any(
+        g.get("amsgrad") for g in groups
+    )
+    unmarked = _unmarked(state) if amsgrad else set()
     dropped: Dropped = []
     for group, plan in zip(groups, plans):
+        if unmarked and group.get("amsgrad"):
+            # Read from the device only for these: updated now, amsgrad on, no max_exp_avg_sq.
+            fresh |= {id(p) for p in _stepped(plan) if id(p) in unmarked and _initial(state.get(p, {}))}
         if fresh:
             for p in _stepped(plan):
                 if id(p) in fresh:
@@ -81,23 +96,67 @@ def prepare(
 
 
 def _unmarked(state: Any) -> set[int]:
-    """The ids of the parameters whose state a compiled step made while they were idle (not marked
-    :class:`Fresh`: ``safeopt/_compiled.py`` selects on the device, and cannot mark it) and that
-    lack ``max_exp_avg_sq``, ``amsgrad`` having been switched on since: dropped as fresh state is
-    at the first update, where torch's ``_init_group`` would raise ``KeyError`` on them and makes
-    state anew for a new parameter. State that an update used (``step`` above 0) stays, and torch
-    raises on it as it does. One walk by items, as for the fresh entries."""
+    """The ids of the parameters whose state is neither marked :class:`Fresh` nor has
+    ``max_exp_avg_sq``: in a group with ``amsgrad`` on, state made before it was switched on, as a
+    compiled step makes it for an idle parameter (``safeopt/_compiled.py`` selects on the device,
+    and cannot mark it). One walk by items, as for the fresh entries: no tensor hashed, nothing
+    read from the device."""
     return {
         id(p)
         for p, entry in state.items()
-        if entry and type(entry) is not Fresh and MAX_EXP_AVG_SQ not in entry and _never_updated(entry)
+        if entry and type(entry) is not Fresh and MAX_EXP_AVG_SQ not in entry
     }
 
 
-@untraced  # a host read of a step count, rare (amsgrad switched on): no graph guarded on it
-def _never_updated(entry: dict[str, Any]) -> bool:
-    step = entry.get(STEP)
-    return step is not None and float(step) == 0
+@untraced  # host reads, rare (amsgrad switched on since the state was made): no graph guarded on them
+def _initial(entry: dict[str, Any]) -> bool:
+    """Whether ``entry`` (a parameter updated in this step, in a group with ``amsgrad`` on, no
+    ``max_exp_avg_sq``) is torch's initial state: ``step`` 0 and zero moments. Only then is
+    dropping it and letting torch make it anew the same bits as torch's state for a new parameter
+    (what torch's class holding only the active parameters has); any other state stays, and
+    torch's ``_init_group`` raises its ``KeyError`` on it as it does. A user's own state of that
+    form is made anew too, where torch raises (docs/integrations.md)."""
+    step, exp_avg, exp_avg_sq = entry.get(STEP), entry.get("exp_avg"), entry.get("exp_avg_sq")
+    if step is None or not isinstance(exp_avg, torch.Tensor) or not isinstance(exp_avg_sq, torch.Tensor):
+        return False
+    return float(step) == 0 and not _any(exp_avg) and not _any(exp_avg_sq)
+
+
+def drop_unstarted(
+    optimizer: torch.optim.Optimizer,
+    groups: Sequence[dict[str, Any]],
+    stepped: Sequence[Sequence[torch.Tensor]],
+    *,
+    capturing: bool,
+) -> Dropped:
+    """Before a capturable step (``stepped``: the parameters of each group in torch's step), in a
+    group with ``amsgrad`` on: drop the state without ``max_exp_avg_sq`` that no update used, made
+    by an earlier capturable step where the parameter was idle (torch's kernel made it and skipped
+    it) or marked :class:`Fresh`, so that torch makes it anew, amsgrad included, as for a new
+    parameter. Other state stays, for torch's ``KeyError``. Only a dict check per parameter in
+    such groups; a host read only for the rare state without ``max_exp_avg_sq``, and none under
+    capture, which raises instead. Returns what it dropped, for :func:`undo`."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return []
+    state = optimizer.state
+    dropped: Dropped = []
+    for group, params in zip(groups, stepped):
+        if not group.get("amsgrad"):
+            continue
+        for p in params:
+            entry = state.get(p)
+            if not entry or MAX_EXP_AVG_SQ in entry:
+                continue
+            if capturing:
+                raise RuntimeError(
+                    "safeopt cannot capture this step in a CUDA graph: a parameter of a param group with "
+                    "amsgrad=True has state made before amsgrad was switched on (no max_exp_avg_sq); "
+                    "take one step outside capture first"
+                )
+            if type(entry) is Fresh or _initial(entry):
+                dropped.append((p, entry))
+                state[p] = {}
+    return dropped
 
 
 @untraced  # reads the state: traced, dynamo would guard on its keys and compile again when it appears

@@ -75,10 +75,22 @@ def lazy_step(
     on_device = _capturable.plan(optimizer, groups, strict=before is not None)
     if on_device is not None:  # capturable or capturing: no host read
         unstarted = _stateless(optimizer.state, [p for entry in on_device for p in entry.frozen])
+        # amsgrad switched on after a step made an idle parameter's state: torch makes it anew.
+        remade = (
+            _fresh.drop_unstarted(
+                optimizer,
+                groups,
+                [entry.flagged + entry.always for entry in on_device],
+                capturing=_capturable.capturing(),
+            )
+            if any(group.get("amsgrad") for group in groups)
+            else []
+        )
         try:
             _capturable.step(optimizer, groups, step, on_device)
         except BaseException:
             _take_back(optimizer.state, unstarted)
+            _fresh.undo(optimizer, remade)
             raise
         return loss
     plans = _rule.plan_step(groups)

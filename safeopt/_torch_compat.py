@@ -29,11 +29,12 @@ __all__ = [
     "allocate_state",
     "batches",
     "capture_health_check",
-    "forget_float_specializations",
+    "enter_select_step_floats",
     "fused_adam_kernel",
     "fused_adam_options",
     "gather",
     "init_group",
+    "leave_select_step_floats",
     "saved_as_is",
     "settle",
     "skip_flag",
@@ -136,21 +137,61 @@ def untraced(fn: _F) -> _F:
     return cast(_F, call)
 
 
+def _float_specializations() -> set[str] | None:
+    """dynamo's record of the float inputs it must specialize (``TensorifyState``, private), the
+    set itself; ``None`` on a torch without it."""
+    module = sys.modules.get("torch._dynamo.symbolic_convert")
+    record = getattr(getattr(module, "TensorifyState", None), "force_specializations", None)
+    return record if isinstance(record, set) else None
+
+
+def _frames_compiled() -> int:
+    """dynamo's count of the frames it compiled (private), which ``torch._dynamo.reset()`` sets
+    back to 0; 0 on a torch without it."""
+    count = getattr(sys.modules.get("torch._dynamo.convert_frame"), "FRAME_COUNTER", 0)
+    return count if isinstance(count, int) else 0
+
+
 @untraced  # a graph break: it runs between the frames dynamo compiles, none under way on this thread
-def forget_float_specializations() -> None:
-    """Clear dynamo's record of the float inputs it must specialize (``TensorifyState``, private).
+def enter_select_step_floats(optimizer: torch.optim.Optimizer) -> None:
+    """Give the compiled step's select frame (``_compiled.step``) of ``optimizer`` its own record of
+    the float inputs dynamo must specialize (``TensorifyState``, private), keeping the record of
+    the other frames aside until :func:`leave_select_step_floats`.
 
     dynamo keeps that record for the restarts of one frame's compilation, but clears it only on
     some of them, so it outlives the frame: a float that one frame of safeopt's step read and did
     not use (a param group's ``lr``, read with the groups before the compiled step's graph break)
     is specialized there, and the frame after the break, whose symbol for the same value has the
-    same name, then specializes it too, and compiles again for every new learning rate (an LR
-    scheduler) where torch's own compiled step makes it a dynamic input. Called just before that
-    frame (``_compiled.step``). A torch without it: nothing to clear."""
-    module = sys.modules.get("torch._dynamo.symbolic_convert")
-    clear = getattr(getattr(module, "TensorifyState", None), "clear", None)
-    if callable(clear):
-        clear()
+    same name, then specialized it too, and compiled again for every new learning rate (an LR
+    scheduler) where torch's own compiled step makes it a dynamic input. Cleared at every step
+    instead, the record cost a restart of analysis at each recompilation, of this frame (a foreach
+    step, which compiles per lr as torch's does) and of the user's frames after it. With a record
+    of its own, per optimizer (as dynamo compiles the frame per optimizer; another optimizer's
+    symbols may have the same names), forgotten at ``torch._dynamo.reset()``, the select frame
+    sees what it recorded itself, as torch's step frame does, and the other frames see theirs. A
+    torch without it: nothing to do."""
+    record = _float_specializations()
+    if record is None:
+        return
+    _OTHER_FLOATS.clear()
+    _OTHER_FLOATS.update(record)
+    record.clear()
+    own = _SELECT_STEP_FLOATS.get(optimizer)
+    if own is not None and own[0] <= _frames_compiled():  # else dynamo was reset since
+        record.update(own[1])
+
+
+@untraced  # a graph break: the select frame's compilation is over
+def leave_select_step_floats(optimizer: torch.optim.Optimizer) -> None:
+    """After the select frame: keep what it recorded for its next compilation, and put back the
+    other frames' record (:func:`enter_select_step_floats`)."""
+    record = _float_specializations()
+    if record is None:
+        return
+    _SELECT_STEP_FLOATS.set(optimizer, (_frames_compiled(), frozenset(record)))
+    record.clear()
+    record.update(_OTHER_FLOATS)
+    _OTHER_FLOATS.clear()
 
 
 def unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -586,3 +627,10 @@ def init_group(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> list[
     if not group["amsgrad"]:
         return [[p, m, v, s] for p, m, v, s in zip(params, exp_avgs, exp_avg_sqs, steps)]
     return [[p, m, v, mx, s] for p, m, v, mx, s in zip(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)]
+
+
+# The compiled step's select frame's own record of floats to specialize, per optimizer, with
+# dynamo's frame count when it was kept (enter_select_step_floats), and the record of every other
+# frame while the select frame's is in place.
+_SELECT_STEP_FLOATS: ByIdentity[tuple[int, frozenset[str]]] = ByIdentity()
+_OTHER_FLOATS: set[str] = set()

@@ -179,18 +179,119 @@ def test_an_lr_scheduler_keeps_the_compiled_forloop_step_to_torchs_graphs(make: 
     )
 
 
-def test_the_seam_clears_dynamos_record_of_floats_to_specialize() -> None:
-    """``_torch_compat.forget_float_specializations`` leans on dynamo's private ``TensorifyState``:
-    a torch that renames it fails here (the scheduler test above would then fail too)."""
+def test_the_seam_gives_the_select_frame_its_own_record_of_floats_to_specialize() -> None:
+    """``_torch_compat.enter_select_step_floats`` / ``leave_select_step_floats`` lean on dynamo's
+    private ``TensorifyState``: a torch that renames it fails here (the scheduler tests above
+    would then fail too). Between them the record is the select frame's own, per optimizer (what
+    it recorded the last time, forgotten at ``torch._dynamo.reset()``), after them the other
+    frames' record is back as it was."""
     from torch._dynamo import symbolic_convert
 
-    from safeopt._torch_compat import forget_float_specializations
+    from safeopt._torch_compat import enter_select_step_floats, leave_select_step_floats
 
     if not hasattr(symbolic_convert, "TensorifyState"):
-        pytest.skip(f"torch {torch.__version__} has no TensorifyState: the seam clears nothing")
+        pytest.skip(f"torch {torch.__version__} has no TensorifyState: the seam does nothing")
     TensorifyState = symbolic_convert.TensorifyState
+    opt, other = (safeopt.AdamW(two_by_two_and_a_vector(), lr=0.1) for _ in range(2))
+    torch.compile(lambda x: x + 1, backend="eager")(torch.ones(1))  # as the select frame: one compiled
 
-    TensorifyState.specialize("zf_probe")
-    assert TensorifyState.should_specialize("zf_probe")
-    forget_float_specializations()
-    assert not TensorifyState.should_specialize("zf_probe")
+    TensorifyState.specialize("zf_probe_outer")
+    enter_select_step_floats(opt)
+    assert not TensorifyState.should_specialize("zf_probe_outer")
+    TensorifyState.specialize("zf_probe_select")
+    leave_select_step_floats(opt)
+    assert TensorifyState.should_specialize("zf_probe_outer")
+    assert not TensorifyState.should_specialize("zf_probe_select")
+    enter_select_step_floats(other)
+    assert not TensorifyState.should_specialize("zf_probe_select")
+    leave_select_step_floats(other)
+    enter_select_step_floats(opt)
+    assert TensorifyState.should_specialize("zf_probe_select")
+    assert not TensorifyState.should_specialize("zf_probe_outer")
+    leave_select_step_floats(opt)
+    torch._dynamo.reset()
+    enter_select_step_floats(opt)
+    assert not TensorifyState.should_specialize("zf_probe_select")
+    leave_select_step_floats(opt)
+
+
+def test_an_lr_scheduler_compiles_the_foreach_step_as_often_as_torchs() -> None:
+    """Foreach AdamW compiled with a scheduler changing the float lr: torch's class compiles once per
+    lr value (after one restart of analysis, which specializes the lr), and safeopt's step too,
+    with two graphs more in all, however many values: the frame before its graph break reads the
+    lr and restarts once as well, and the select frame, with a record of its own, learns once that
+    the lr is specialized (with the other frames' record leaking in it did not, at the cost of the
+    forloop step's dynamic lr). Before the fix dynamo's record of floats to specialize was cleared
+    at every compiled step, so each recompilation of the step restarted its analysis to learn it
+    again (13 graphs over 6 lr values, torch's 7; 17 over 8, torch's 9)."""
+    counts = []
+    for cls in (torch.optim.AdamW, safeopt.AdamW):
+        torch._dynamo.reset()
+        params = two_by_two_and_a_vector()
+        opt = cls(params, lr=0.05, foreach=True)
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)
+        counter = CompileCounterWithBackend("aot_eager")
+        step = torch.compile(opt.step, backend=counter)
+        gen = torch.Generator().manual_seed(1)
+        with torch._dynamo.config.patch(cache_size_limit=64):
+            for _ in range(8):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                step()
+                scheduler.step()
+        counts.append(counter.frame_count)
+    assert counts[1] <= counts[0] + 2, (
+        f"safeopt's foreach step compiled {counts[1]} graphs, torch's {counts[0]}"
+    )
+
+
+def test_a_users_compiled_function_beside_the_compiled_step_compiles_as_with_torchs() -> None:
+    """A user's compiled function taking a changing float that dynamo specializes (``clamp(max=s)``),
+    called beside a compiled forloop step: it compiles as often beside safeopt's step as beside
+    torch's. Before the fix safeopt's step cleared dynamo's record of floats to specialize for every
+    frame after it, so each recompilation of the user's function restarted its analysis (11 graphs
+    over 6 values, 7 beside torch's step)."""
+    counts = []
+    for cls in (torch.optim.AdamW, safeopt.AdamW):
+        torch._dynamo.reset()
+        params = two_by_two_and_a_vector()
+        opt = cls(params, lr=0.05, foreach=False)
+        step = torch.compile(opt.step, backend="aot_eager")
+        counter = CompileCounterWithBackend("aot_eager")
+        clamped = torch.compile(lambda x, s: x.clamp(max=s).sum(), backend=counter)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(3, generator=gen)
+        with torch._dynamo.config.patch(cache_size_limit=64):
+            for i in range(6):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                clamped(x, 0.5 + 0.1 * i)
+                step()
+        counts.append(counter.frame_count)
+    assert counts[1] == counts[0], (
+        f"the user's function compiled {counts[1]} graphs, beside torch's step {counts[0]}"
+    )
+
+
+def test_a_forloop_step_after_a_foreach_one_keeps_its_lr_dynamic() -> None:
+    """The foreach step's select frame records its lr as a float to specialize; a forloop
+    optimizer's select frame compiled after it (after ``torch._dynamo.reset()`` or beside it) does
+    not inherit that record (its lr symbol may have the same name): its lr stays a dynamic input,
+    as when it runs alone."""
+    counts = []
+    for foreach in (False, True, False):
+        params = two_by_two_and_a_vector()
+        opt = safeopt.AdamW(params, lr=0.05, weight_decay=0.1, foreach=foreach)
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)
+        counter = CompileCounterWithBackend("aot_eager")
+        step = torch.compile(opt.step, backend=counter)
+        gen = torch.Generator().manual_seed(1)
+        with torch._dynamo.config.patch(cache_size_limit=64):
+            for _ in range(6):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                step()
+                scheduler.step()
+        counts.append(counter.frame_count)
+        torch._dynamo.reset()
+    assert counts[2] == counts[0], f"forloop alone {counts[0]} graphs, after a foreach step {counts[2]}"
