@@ -135,6 +135,18 @@ def test_amsgrad_switched_on_after_real_updates_still_raises_torchs_error() -> N
         opt.step()
 
 
+# torch 2.6's dynamo guards the frame before the compiled step's graph break on a group's float lr
+# (``lr == value``) and compiles that frame again for every value: past the recompile limit the step
+# runs eagerly, torch's eager bits rather than its compiled ones (docs/supported.md). Found on 2.6.0;
+# 2.11, 2.13 and 2.14.1 pass.
+OLD_DYNAMO_LR = pytest.mark.xfail(
+    tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 7),
+    reason="torch 2.6's dynamo compiles the frame before the step again for every float lr",
+    strict=True,
+)
+
+
+@OLD_DYNAMO_LR
 @pytest.mark.parametrize("make", ["twin", "wrap"])
 def test_an_lr_scheduler_keeps_the_compiled_forloop_step_to_torchs_graphs(make: str) -> None:
     """A float lr changed every step by a scheduler, forloop AdamW with weight decay compiled with
@@ -215,6 +227,7 @@ def test_the_seam_gives_the_select_frame_its_own_record_of_floats_to_specialize(
     leave_select_step_floats(opt)
 
 
+@OLD_DYNAMO_LR
 def test_an_lr_scheduler_compiles_the_foreach_step_as_often_as_torchs() -> None:
     """Foreach AdamW compiled with a scheduler changing the float lr: torch's class compiles once per
     lr value (after one restart of analysis, which specializes the lr), and safeopt's step too,
