@@ -48,7 +48,7 @@ from safeopt._torch_compat import (
     untraced,
 )
 
-__all__ = ["capturing", "plan", "step"]
+__all__ = ["capturing", "plan", "set_aside_unstarted", "step"]
 
 
 def capturing() -> bool:
@@ -65,6 +65,34 @@ class _Group:
         self.frozen: list[
             Tensor
         ] = []  # idle on the host's word (frozen, a ZeroTensor grad): torch's fresh state
+
+
+def set_aside_unstarted(
+    optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]], plans: list[_Group]
+) -> None:
+    """In a group with ``amsgrad`` on, a parameter decided on the device whose state has no
+    ``max_exp_avg_sq`` (updated before ``amsgrad`` was switched on; state no update used was
+    dropped before, ``_fresh.drop_unstarted``) cannot go through torch's call, whose
+    ``_init_group`` raises on it. Idle, torch's class holding only the active parameters never
+    sees it: it is set aside as on the host's word, untouched. With a nonzero grad it stays, for
+    torch's ``KeyError``. A host read per such parameter, rare (never under capture:
+    ``drop_unstarted`` refused it first)."""
+    state = optimizer.state
+    for group, entry in zip(groups, plans):
+        if not group.get("amsgrad") or not entry.flagged:
+            continue
+        # (parameter, grad): a parameter decided on the device has a grad
+        unstarted = [
+            (p, p.grad)
+            for p in entry.flagged
+            if (s := state.get(p)) and "max_exp_avg_sq" not in s and p.grad is not None
+        ]
+        if not unstarted:
+            continue
+        flags = _rule.nonzero_flags([grad for _, grad in unstarted])
+        idle = {id(p) for (p, _), flag in zip(unstarted, flags) if not flag}
+        entry.frozen += [p for p in entry.flagged if id(p) in idle]
+        entry.flagged[:] = [p for p in entry.flagged if id(p) not in idle]
 
 
 @untraced  # reads the real groups, not dynamo's view of them (capturable=True)

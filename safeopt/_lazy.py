@@ -76,6 +76,7 @@ def lazy_step(
     if on_device is not None:  # capturable or capturing: no host read
         unstarted = _stateless(optimizer.state, [p for entry in on_device for p in entry.frozen])
         # amsgrad switched on after a step made an idle parameter's state: torch makes it anew.
+        amsgrad = any(group.get("amsgrad") for group in groups)
         remade = (
             _fresh.drop_unstarted(
                 optimizer,
@@ -83,10 +84,12 @@ def lazy_step(
                 [entry.flagged + entry.always for entry in on_device],
                 capturing=_capturable.capturing(),
             )
-            if any(group.get("amsgrad") for group in groups)
+            if amsgrad
             else []
         )
         try:
+            if amsgrad:  # and updated before it was: idle, it stays out of torch's call
+                _capturable.set_aside_unstarted(optimizer, groups, on_device)
             _capturable.step(optimizer, groups, step, on_device)
         except BaseException:
             _take_back(optimizer.state, unstarted)

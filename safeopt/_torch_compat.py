@@ -145,11 +145,22 @@ def _float_specializations() -> set[str] | None:
     return record if isinstance(record, set) else None
 
 
-def _frames_compiled() -> int:
-    """dynamo's count of the frames it compiled (private), which ``torch._dynamo.reset()`` sets
-    back to 0; 0 on a torch without it."""
-    count = getattr(sys.modules.get("torch._dynamo.convert_frame"), "FRAME_COUNTER", 0)
-    return count if isinstance(count, int) else 0
+# A string in dynamo's warn_once cache, which ``torch._dynamo.reset()`` empties (private): where it
+# is missing dynamo was reset since it was put there.
+_NOT_RESET = "safeopt: torch._dynamo.reset() not called since this was added"
+_GENERATION = [0]
+
+
+def _dynamo_generation() -> int:
+    """How many times safeopt saw dynamo reset: a record kept with another value names symbols of
+    a compilation dynamo has forgotten. On a torch without the cache every call counts as a reset:
+    no record is kept from one step to the next (more restarts of analysis, the same graphs)."""
+    cache = getattr(sys.modules.get("torch._dynamo.utils"), "warn_once_cache", None)
+    if not isinstance(cache, set) or _NOT_RESET not in cache:
+        _GENERATION[0] += 1
+        if isinstance(cache, set):
+            cache.add(_NOT_RESET)
+    return _GENERATION[0]
 
 
 @untraced  # a graph break: it runs between the frames dynamo compiles, none under way on this thread
@@ -177,7 +188,7 @@ def enter_select_step_floats(optimizer: torch.optim.Optimizer) -> None:
     _OTHER_FLOATS.update(record)
     record.clear()
     own = _SELECT_STEP_FLOATS.get(optimizer)
-    if own is not None and own[0] <= _frames_compiled():  # else dynamo was reset since
+    if own is not None and own[0] == _dynamo_generation():  # else dynamo was reset since
         record.update(own[1])
 
 
@@ -188,7 +199,7 @@ def leave_select_step_floats(optimizer: torch.optim.Optimizer) -> None:
     record = _float_specializations()
     if record is None:
         return
-    _SELECT_STEP_FLOATS.set(optimizer, (_frames_compiled(), frozenset(record)))
+    _SELECT_STEP_FLOATS.set(optimizer, (_dynamo_generation(), frozenset(record)))
     record.clear()
     record.update(_OTHER_FLOATS)
     _OTHER_FLOATS.clear()
@@ -630,7 +641,7 @@ def init_group(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> list[
 
 
 # The compiled step's select frame's own record of floats to specialize, per optimizer, with
-# dynamo's frame count when it was kept (enter_select_step_floats), and the record of every other
+# the dynamo generation it was kept in (_dynamo_generation), and the record of every other
 # frame while the select frame's is in place.
 _SELECT_STEP_FLOATS: ByIdentity[tuple[int, frozenset[str]]] = ByIdentity()
 _OTHER_FLOATS: set[str] = set()

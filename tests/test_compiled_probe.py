@@ -227,6 +227,34 @@ def test_the_seam_gives_the_select_frame_its_own_record_of_floats_to_specialize(
     leave_select_step_floats(opt)
 
 
+def test_a_record_kept_before_a_reset_stays_forgotten_however_many_frames_compile_after() -> None:
+    """A select frame's record made before ``torch._dynamo.reset()`` names symbols of a compilation
+    dynamo has forgotten: it must not come back once as many frames have compiled since the reset
+    as before it (it did, when the reset was told by dynamo's frame count: a forloop step of that
+    optimizer then compiled again for every lr)."""
+    from torch._dynamo import symbolic_convert
+
+    from safeopt._torch_compat import enter_select_step_floats, leave_select_step_floats
+
+    if not hasattr(symbolic_convert, "TensorifyState"):
+        pytest.skip(f"torch {torch.__version__} has no TensorifyState: the seam does nothing")
+    TensorifyState = symbolic_convert.TensorifyState
+    opt = safeopt.AdamW(two_by_two_and_a_vector(), lr=0.1)
+    for k in range(3):
+        torch.compile(lambda x, k=k: x + k, backend="eager")(torch.ones(1))
+    enter_select_step_floats(opt)
+    TensorifyState.specialize("zf_stale")
+    leave_select_step_floats(opt)
+    torch._dynamo.reset()
+    for k in range(6):  # more frames than before the reset
+        torch.compile(lambda x, k=k: x * k, backend="eager")(torch.ones(1))
+    enter_select_step_floats(opt)
+    try:
+        assert not TensorifyState.should_specialize("zf_stale")
+    finally:
+        leave_select_step_floats(opt)
+
+
 @OLD_DYNAMO_LR
 def test_an_lr_scheduler_compiles_the_foreach_step_as_often_as_torchs() -> None:
     """Foreach AdamW compiled with a scheduler changing the float lr: torch's class compiles once per

@@ -154,3 +154,33 @@ def test_under_capture_state_without_max_exp_avg_sq_is_refused_with_the_way_out(
         _fresh.drop_unstarted(opt, opt.param_groups, [params[1:]], capturing=True)
     assert opt.state[params[1]] is entry
     assert _fresh.drop_unstarted(opt, opt.param_groups, [params[1:]], capturing=False) == [(params[1], entry)]
+
+
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, torch.optim.Adam], ids=["AdamW", "Adam"])
+def test_a_parameter_updated_before_amsgrad_and_idle_after_it_is_left_alone_capturable(cls: type) -> None:
+    """fused and capturable: a parameter updated while ``amsgrad`` was off, then idle (zero grad)
+    after it was switched on. torch's class holding only the active parameters never sees it and
+    steps the others; safeopt's capturable step must too, leaving it and its state as they are.
+    Before the fix the idle parameter stayed in torch's kernel call, whose ``_init_group`` raised
+    ``KeyError: 'max_exp_avg_sq'`` on its state."""
+    safe = getattr(safeopt, cls.__name__)
+    params, ref_params = two(), two()
+    opt = safe(params, lr=0.1, fused=True, capturable=True)
+    ref = cls(ref_params, lr=0.1, fused=True, capturable=True)
+    params[0].grad, params[1].grad = None, torch.ones(3)
+    ref_params[0].grad, ref_params[1].grad = None, torch.ones(3)
+    opt.step()
+    ref.step()
+    for o in (opt, ref):
+        o.param_groups[0]["amsgrad"] = True
+    params[0].grad, params[1].grad = torch.ones(3), torch.zeros(3)
+    ref_params[0].grad, ref_params[1].grad = torch.ones(3), None
+    idle_before = {k: v.clone() for k, v in opt.state[params[1]].items()}
+    value_before = params[1].detach().clone()
+    opt.step()
+    ref.step()
+    assert bit_equal(params[0].detach(), ref_params[0].detach())
+    assert bit_equal(params[1].detach(), value_before)
+    assert set(opt.state[params[1]]) == set(idle_before)
+    assert all(bit_equal(opt.state[params[1]][k], v) for k, v in idle_before.items())
+    assert torch.equal(params[1].grad, torch.zeros(3))
