@@ -230,6 +230,26 @@ def assert_matches_reference(
             assert_fresh(mine, params[i], f"{what} param {i}")
 
 
+def step_against_reference(
+    opt: torch.optim.Optimizer,
+    params: Sequence[Tensor],
+    ref_opt: torch.optim.Optimizer,
+    ref_params: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+    active: Sequence[bool],
+    what: str,
+) -> None:
+    """One step of ``opt`` with ``grads`` and of torch's ``ref_opt`` with only the active ones:
+    the idle parameters and their state unchanged, the active ones as torch's."""
+    for p, g in zip(params, grads):
+        p.grad = g
+    before = snapshot(opt, params)
+    opt.step()
+    reference_step(ref_opt, ref_params, grads, active)
+    assert_unchanged(before, opt, params, [i for i, a in enumerate(active) if not a], what)
+    assert_matches_reference(opt, params, ref_opt, ref_params, [i for i, a in enumerate(active) if a], what)
+
+
 @contextlib.contextmanager
 def rows_stepped_either_way(data: Any) -> Iterator[None]:
     """Draw how ``lazy="rows"`` steps rows for the rest of the example: in place (views of the
