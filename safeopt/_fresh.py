@@ -116,10 +116,10 @@ def _initial(entry: dict[str, Any]) -> bool:
     (what torch's class holding only the active parameters has); any other state stays, and
     torch's ``_init_group`` raises its ``KeyError`` on it as it does. A user's own state of that
     form is made anew too, where torch raises (docs/integrations.md)."""
-    step, exp_avg, exp_avg_sq = entry.get(STEP), entry.get("exp_avg"), entry.get("exp_avg_sq")
-    if step is None or not isinstance(exp_avg, torch.Tensor) or not isinstance(exp_avg_sq, torch.Tensor):
+    step = entry.get(STEP)
+    if step is None or not all(isinstance(entry.get(key), torch.Tensor) for key in ("exp_avg", "exp_avg_sq")):
         return False
-    return float(step) == 0 and not _any(exp_avg) and not _any(exp_avg_sq)
+    return float(step) == 0 and not _used(entry)
 
 
 def drop_unstarted(
