@@ -13,7 +13,7 @@ import torch
 
 import safeopt
 from safeopt import _fresh
-from tests.harness import assert_state_equal, bit_equal
+from harness import assert_state_equal, bit_equal
 
 MAKERS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
     "Adam": (torch.optim.Adam, safeopt.Adam),
