@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import safeopt
-from safeopt import _fresh
 from harness import assert_state_equal, bit_equal
+from safeopt import _fresh
 
 MAKERS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
     "Adam": (torch.optim.Adam, safeopt.Adam),
